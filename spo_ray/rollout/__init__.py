@@ -1,0 +1,1 @@
+"""Rollout engines sample K responses per prompt: see `base.Engine`."""
