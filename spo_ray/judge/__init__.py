@@ -1,5 +1,32 @@
 """Judges rank the K responses of a prompt: see `base.Judge`."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from spo_ray.judge.base import Judge, scores_from_logits
 
-__all__ = ["Judge", "scores_from_logits"]
+if TYPE_CHECKING:
+    from spo_ray.config import JudgeConfig
+
+__all__ = ["Judge", "build_judge", "scores_from_logits"]
+
+
+def build_judge(cfg: "JudgeConfig", device: str = "cpu") -> Judge:
+    """The judge named by `judge.name`, built from its section of the config."""
+    if cfg.name == "keyword":
+        from spo_ray.judge.rules import KeywordJudge
+
+        return KeywordJudge(cfg.keyword.target, cfg.keyword.temperature)
+    if cfg.name == "length":
+        from spo_ray.judge.rules import LengthJudge
+
+        return LengthJudge()
+    if cfg.name == "pairrm":
+        from spo_ray.judge.pairrm import PairRMJudge
+
+        p = cfg.pairrm
+        return PairRMJudge.from_pretrained(
+            p.name_or_path, device=device, dtype=p.dtype, backbone=p.backbone, token_budget=p.token_budget
+        )
+    raise ValueError(f"judge.name={cfg.name!r} cannot be built here yet")

@@ -1,0 +1,290 @@
+"""Typed configuration: one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+The values live in `conf/` (every field commented there); these dataclasses give them
+types, so Hydra rejects an unknown key or a wrong type while composing, and
+`validate(cfg)` runs each `__post_init__` check — all before Ray starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from spo_ray.sppo import LOSS_TYPES
+
+DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("hf", "vllm")
+JUDGES = ("keyword", "length", "pairrm", "reference", "lm")
+PROMPT_FORMATS = ("chat", "raw")
+DATA_FORMATS = ("jsonl", "json", "parquet", "hf_disk", "builtin", "alpaca_eval", "mt_bench")
+OPTIMIZERS = ("rmsprop", "adamw")
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+@dataclass
+class RandomInitConfig:
+    """A random Llama-style model and character tokenizer, built offline (tests, `tiny`)."""
+
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
+    intermediate_size: int = MISSING
+    max_position_embeddings: int = MISSING
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = MISSING
+    random_init: Optional[RandomInitConfig] = None
+    gguf_file: Optional[str] = None
+    dtype: str = MISSING
+    trust_remote_code: bool = MISSING
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.random_init is None):
+            raise ValueError(
+                "model: set exactly one of model.name_or_path (a hub id or local folder) "
+                "and model.random_init (a tiny random model built offline)"
+            )
+        _one_of("model.dtype", self.dtype, DTYPES)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = MISSING
+    num_samples: int = MISSING
+    temperature: float = MISSING
+    top_p: float = MISSING
+    max_new_tokens: int = MISSING
+    batch_size: int = MISSING
+    # vLLM only (engine: vllm)
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: Optional[int] = None
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("rollout.engine", self.engine, ENGINES)
+        if self.num_samples < 2:
+            raise ValueError(f"rollout.num_samples must be ≥ 2 to form a pair, got {self.num_samples}")
+        if self.temperature <= 0:
+            raise ValueError(
+                f"rollout.temperature={self.temperature}: self-play needs sampling (> 0); "
+                "greedy answers would all be equal"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _positive("rollout.max_new_tokens", self.max_new_tokens)
+        _positive("rollout.batch_size", self.batch_size)
+
+
+@dataclass
+class KeywordJudgeConfig:
+    target: str = MISSING
+    temperature: float = MISSING
+
+
+@dataclass
+class PairRMConfig:
+    name_or_path: str = MISSING
+    backbone: Optional[str] = None
+    dtype: str = MISSING
+    token_budget: int = MISSING
+
+
+@dataclass
+class ReferenceJudgeConfig:
+    name_or_path: Optional[str] = None
+    temperature: float = MISSING
+
+
+@dataclass
+class LMJudgeConfig:
+    name_or_path: str = MISSING
+    dtype: str = "float32"
+
+
+@dataclass
+class JudgeConfig:
+    name: str = MISSING
+    prompt_format: str = MISSING
+    batch_size: int = MISSING
+    keyword: Optional[KeywordJudgeConfig] = None
+    pairrm: Optional[PairRMConfig] = None
+    reference: Optional[ReferenceJudgeConfig] = None
+    lm: Optional[LMJudgeConfig] = None
+
+    def __post_init__(self) -> None:
+        _one_of("judge.name", self.name, JUDGES)
+        _one_of("judge.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        _positive("judge.batch_size", self.batch_size)
+        if self.name in ("keyword", "pairrm", "reference", "lm") and getattr(self, self.name) is None:
+            raise ValueError(f"judge.name={self.name} needs the section judge.{self.name}")
+
+
+@dataclass
+class LearnerConfig:
+    loss: str = MISSING
+    beta: float = MISSING  # η = 1/beta in the SPPO loss
+    lr: float = MISSING
+    optimizer: str = MISSING
+    weight_decay: float = MISSING
+    warmup_ratio: float = MISSING
+    epochs: int = MISSING
+    micro_batch_size: int = MISSING
+    global_batch_size: int = MISSING
+    zero_stage: int = MISSING
+    gradient_checkpointing: bool = MISSING
+    bf16: bool = MISSING
+    grad_clip: float = MISSING
+    max_length: int = MISSING
+    max_prompt_length: int = MISSING
+
+    def __post_init__(self) -> None:
+        _one_of("learner.loss", self.loss, LOSS_TYPES)
+        _one_of("learner.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _positive("learner.beta", self.beta)
+        _positive("learner.lr", self.lr)
+        _positive("learner.epochs", self.epochs)
+        _positive("learner.micro_batch_size", self.micro_batch_size)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"learner.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"learner.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"learner.micro_batch_size={self.micro_batch_size}"
+            )
+        if not 0 < self.max_prompt_length < self.max_length:
+            raise ValueError(
+                f"need 0 < learner.max_prompt_length ({self.max_prompt_length}) "
+                f"< learner.max_length ({self.max_length})"
+            )
+
+
+@dataclass
+class DataConfig:
+    source: str = MISSING
+    format: str = MISSING
+    prompt_field: str = MISSING
+    id_field: Optional[str] = None
+    prompts_per_iteration: Optional[int] = None
+    num_eval: int = MISSING
+    split_seed: int = MISSING
+
+    def __post_init__(self) -> None:
+        _one_of("data.format", self.format, DATA_FORMATS)
+        _positive("data.num_eval", self.num_eval)
+        if self.prompts_per_iteration is not None:
+            _positive("data.prompts_per_iteration", self.prompts_per_iteration)
+
+
+@dataclass
+class EvalConfig:
+    greedy: bool = MISSING
+    temperature: float = MISSING
+    max_new_tokens: int = MISSING
+    batch_size: int = MISSING
+
+
+@dataclass
+class PoolConfig:
+    """One actor pool of the stream: its size and what each actor reserves."""
+
+    num_actors: int = MISSING
+    num_cpus: float = MISSING
+    num_gpus: float = MISSING
+
+    def check(self, name: str) -> None:
+        _positive(f"cluster.{name}.num_actors", self.num_actors)
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError(f"cluster.{name}: num_cpus and num_gpus must be ≥ 0")
+
+
+@dataclass
+class LearnerPlacement:
+    num_workers: int = MISSING
+    cpus_per_worker: float = MISSING
+    gpus_per_worker: float = MISSING
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    nodes: int = MISSING
+    gpus_per_node: int = MISSING
+    colocate: bool = MISSING
+    rollout: PoolConfig = MISSING
+    judge: PoolConfig = MISSING
+    learner: LearnerPlacement = MISSING
+    evaluate: PoolConfig = MISSING
+
+    def __post_init__(self) -> None:
+        for name in ("rollout", "judge", "evaluate"):
+            getattr(self, name).check(name)
+        _positive("cluster.learner.num_workers", self.learner.num_workers)
+
+
+@dataclass
+class TimeoutConfig:
+    stream_no_progress_s: float = MISSING
+    eval_s: float = MISSING
+
+
+@dataclass
+class RunConfig:
+    dir: str = MISSING
+    iterations: int = MISSING
+    seed: int = MISSING
+    log_every: int = MISSING
+    timeouts: TimeoutConfig = MISSING
+
+    def __post_init__(self) -> None:
+        _positive("run.iterations", self.iterations)
+
+
+@dataclass
+class Config:
+    run: RunConfig = MISSING
+    model: ModelConfig = MISSING
+    rollout: RolloutConfig = MISSING
+    judge: JudgeConfig = MISSING
+    learner: LearnerConfig = MISSING
+    data: DataConfig = MISSING
+    evaluate: EvalConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    experiment: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.rollout.engine == "vllm" and self.cluster.rollout.num_gpus <= 0:
+            raise ValueError("rollout.engine=vllm needs GPUs: set cluster.rollout.num_gpus > 0")
+        if self.learner.bf16 and self.cluster.learner.gpus_per_worker <= 0:
+            raise ValueError("learner.bf16=true needs GPU learner workers (cluster.learner.gpus_per_worker > 0)")
+
+
+def register_configs() -> None:
+    """Register the schema so `conf/config.yaml` can extend it (`defaults: [schema, ...]`)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Turn a composed config into dataclasses, running every `__post_init__` check."""
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except Exception as err:  # OmegaConf wraps errors from __post_init__
+        cause = err.__cause__ or err
+        raise ValueError(f"invalid configuration: {cause}") from None

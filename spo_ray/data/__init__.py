@@ -1,0 +1,1 @@
+"""Prompt sources, the Arrow schema of pair rows, and tokenization for the learner."""

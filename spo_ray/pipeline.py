@@ -1,0 +1,188 @@
+"""One SPPO iteration as a Ray Data stream: prompts → rollout → judge → pair rows.
+
+    prompts ─► RolloutStage (actor pool, holds π_t, K samples per prompt)
+            ─► JudgeStage   (actor pool, K×K pairwise logits → scores)
+            ─► select_pairs (stateless: p̂, chosen, rejected, P[w,l]; or a skip reason)
+            ─► the learner's `get_dataset_shard("pairs")`, which trains while later
+               prompts are still being generated and judged, and persists the rows.
+
+Stages are thin wrappers around the plain components (`HFEngine`, the judges,
+`spo_ray.sppo.select_pair`); pool sizes and resources come from `conf/cluster/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Sequence
+
+import pyarrow as pa
+import ray
+import torch
+
+from spo_ray.config import Config, JudgeConfig
+from spo_ray.data.schema import STREAM_COLUMNS, PAIR_SCHEMA
+from spo_ray.judge import build_judge, scores_from_logits
+from spo_ray.rollout.base import SamplingConfig
+from spo_ray.sppo import select_pair
+
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("responses", pa.list_(pa.string())),
+        ("response_tokens", pa.list_(pa.int64())),
+    ]
+)
+JUDGED_SCHEMA = ROLLOUT_SCHEMA.append(pa.field("scores", pa.list_(pa.float64())))
+STREAM_SCHEMA = PAIR_SCHEMA.append(pa.field("skip_reason", pa.string()))
+
+
+def batch_seed(seed: int, iteration: int, prompt_ids: Sequence[str]) -> int:
+    """A sampling seed that depends only on the run seed, the iteration and the batch's
+    prompts, so any actor (or a restarted one) draws the same samples."""
+    digest = hashlib.sha256(f"{seed}/{iteration}/{'|'.join(prompt_ids)}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def make_engine(cfg: Config, policy_path: str, device: str | None = None):
+    """The rollout engine named by `rollout.engine`, holding the policy at `policy_path`."""
+    if cfg.rollout.engine == "vllm":
+        from spo_ray.rollout.vllm import VLLMEngine  # optional extra: `pip install spo_ray[vllm]`
+
+        return VLLMEngine.from_config(cfg, policy_path)
+    from spo_ray.rollout.hf import HFEngine
+
+    return HFEngine(
+        policy_path,
+        dtype=cfg.model.dtype,
+        device=device,
+        trust_remote_code=cfg.model.trust_remote_code,
+        max_prompt_tokens=cfg.learner.max_prompt_length,
+    )
+
+
+class RolloutStage:
+    """Actor-pool stage: K responses per prompt from π_t."""
+
+    def __init__(self, cfg: Config, policy_path: str, iteration: int) -> None:
+        self.engine = make_engine(cfg, policy_path)
+        r = cfg.rollout
+        self.sampling = dict(
+            num_samples=r.num_samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens
+        )
+        self.seed = cfg.run.seed
+        self.iteration = iteration
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("prompt_id").to_pylist()
+        prompts = batch.column("prompt").to_pylist()
+        seed = batch_seed(self.seed, self.iteration, ids)
+        rollouts = self.engine.generate(prompts, SamplingConfig(seed=seed, **self.sampling))
+        return pa.Table.from_pydict(
+            {
+                "prompt_id": ids,
+                "prompt": prompts,
+                "responses": [r.responses for r in rollouts],
+                "response_tokens": [r.num_tokens for r in rollouts],
+            },
+            schema=ROLLOUT_SCHEMA,
+        )
+
+
+class JudgeStage:
+    """Actor-pool stage: the judge's K×K logits for each prompt, reduced to scores s_i.
+
+    With `judge.prompt_format: chat` the judge sees the prompt as the policy saw it (the
+    chat template up to the assistant turn), as the paper's ranking script does.
+    """
+
+    def __init__(self, cfg: JudgeConfig, policy_path: str | None, device: str = "cpu") -> None:
+        self.judge = build_judge(cfg, device=device)
+        self.tokenizer = None
+        if cfg.prompt_format == "chat" and policy_path is not None:
+            from spo_ray.modeling import load_tokenizer
+
+            self.tokenizer = load_tokenizer(policy_path)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        prompts = batch.column("prompt").to_pylist()
+        if self.tokenizer is not None:
+            from spo_ray.rollout.hf import format_prompt
+
+            prompts = [format_prompt(self.tokenizer, p) for p in prompts]
+        logits = self.judge.batch_pairwise_logits(prompts, batch.column("responses").to_pylist())
+        scores = [scores_from_logits(m.double()).tolist() for m in logits]
+        return batch.append_column(pa.field("scores", pa.list_(pa.float64())), pa.array(scores, pa.list_(pa.float64())))
+
+
+def select_pairs(batch: pa.Table, iteration: int) -> pa.Table:
+    """Stateless map: chosen = argmax p̂, rejected = argmin p̂ (DESIGN.md §1, steps 3–4).
+
+    Prompts without a pair keep their row with a `skip_reason` (`all_tied`, `judge_nan`,
+    `too_few_responses`), so the learner can count them: rows out + skips = prompts in.
+    """
+    out = {name: [] for name in STREAM_COLUMNS}
+    for row in batch.to_pylist():
+        scores, responses = row["scores"], row["responses"]
+        choice, reason = None, ""
+        if len(responses) < 2:
+            reason = "too_few_responses"
+        elif any(not math.isfinite(s) for s in scores):
+            reason = "judge_nan"
+        else:
+            choice = select_pair(torch.tensor(scores, dtype=torch.float64))
+            reason = "" if choice is not None else "all_tied"
+        out["prompt_id"].append(row["prompt_id"])
+        out["prompt"].append(row["prompt"])
+        out["responses"].append(responses)
+        out["scores"].append(scores)
+        out["iteration"].append(iteration)
+        out["skip_reason"].append(reason)
+        if choice is None:
+            for name in ("chosen", "rejected"):
+                out[name].append("")
+            for name in ("chosen_probs", "chosen_probs_win", "chosen_probs_lose"):
+                out[name].append(float("nan"))
+            out["win_rates"].append([])
+            continue
+        out["win_rates"].append(list(choice.win_rates))
+        out["chosen"].append(responses[choice.chosen])
+        out["rejected"].append(responses[choice.rejected])
+        out["chosen_probs"].append(choice.chosen_probs)
+        out["chosen_probs_win"].append(choice.chosen_probs_win)
+        out["chosen_probs_lose"].append(choice.chosen_probs_lose)
+    return pa.Table.from_pydict(out, schema=STREAM_SCHEMA)
+
+
+def build_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int) -> ray.data.Dataset:
+    """The lazy Ray Data stream of one iteration's pair rows (nothing runs until consumed)."""
+    c = cfg.cluster
+    rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"]} for p in prompts]
+    num_blocks = max(1, math.ceil(len(rows) / cfg.rollout.batch_size))
+    # Actors that die are restarted and their batch retried: a lost actor loses no prompt.
+    restart = dict(max_restarts=3, max_task_retries=3)
+    ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
+    ds = ds.map_batches(
+        RolloutStage,
+        fn_constructor_kwargs=dict(cfg=cfg, policy_path=policy_path, iteration=iteration),
+        batch_size=cfg.rollout.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=c.rollout.num_actors),
+        num_cpus=c.rollout.num_cpus,
+        num_gpus=c.rollout.num_gpus,
+        **restart,
+    )
+    ds = ds.map_batches(
+        JudgeStage,
+        fn_constructor_kwargs=dict(
+            cfg=cfg.judge, policy_path=policy_path, device="cuda" if c.judge.num_gpus > 0 else "cpu"
+        ),
+        batch_size=cfg.judge.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=c.judge.num_actors),
+        num_cpus=c.judge.num_cpus,
+        num_gpus=c.judge.num_gpus,
+        **restart,
+    )
+    return ds.map_batches(select_pairs, fn_kwargs=dict(iteration=iteration), batch_format="pyarrow", num_cpus=0.1)

@@ -1,0 +1,88 @@
+"""`report.md` and the win-rate plot, rebuilt from the run directory after each iteration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from spo_ray.run_dir import RunDir
+
+
+def _plot(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [r["iteration"] for r in rows]
+    wr = [r["win_rate"] for r in rows]
+    lo = [r["win_rate"] - r["win_rate_ci"][0] for r in rows]
+    hi = [r["win_rate_ci"][1] - r["win_rate"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.errorbar(its, wr, yerr=[lo, hi], marker="o", capsize=4, label="π_t vs π_0 (95 % CI)")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="no change")
+    ax.set_xlabel("SPPO iteration t")
+    ax.set_ylabel("judged win rate")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(its)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def iteration_rows(run: RunDir) -> list[dict]:
+    """One summary row per finished iteration (from metrics.jsonl)."""
+    rows = {}
+    for m in run.metrics():
+        if m.get("kind") == "iteration":
+            rows[m["iteration"]] = m
+    return [rows[t] for t in sorted(rows)]
+
+
+def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dict]) -> Path:
+    rows = iteration_rows(run)
+    lines = ["# spo_ray run report", "", f"Run directory: `{run.path}`", "", "## Configuration", ""]
+    lines += [f"- **{k}**: {v}" for k, v in config_summary.items()]
+    lines += [
+        "",
+        "## Iterations",
+        "",
+        "a and b are the mean log-ratios log π_θ/π_t of the chosen and rejected responses over the "
+        "iteration's steps: a rising with b falling is preference learning; both rising is sharpening.",
+        "",
+        "| t | pairs | skipped | loss | a (chosen) | b (rejected) | margin a−b | win rate vs π_0 [95 % CI] | ties | avg length (tokens) | stream+train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(r["skipped"].items())) or "0"
+        lines.append(
+            f"| {r['iteration']} | {r['pairs']} | {skipped} | {r['loss']:.4g} | {r['chosen_logratio']:+.3f} | "
+            f"{r['rejected_logratio']:+.3f} | {r['margin']:+.3f} | {r['win_rate']:.3f} "
+            f"[{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}] | {r['ties']}/{r['n']} | "
+            f"{r['avg_length']:.1f} (π_0: {r['baseline_avg_length']:.1f}) | {r['train_s']:.0f} | {r['eval_s']:.0f} |"
+        )
+    if rows:
+        _plot(rows, run.path / "win_rate.png")
+        lines += ["", "![win rate per iteration](win_rate.png)"]
+        truncation = [f"t={r['iteration']}: prompts {r['prompts_truncated']}, responses {r['responses_truncated']}" for r in rows]
+        lines += ["", "Truncated to the learner's limits (prompt: last tokens kept; response: first tokens kept): "
+                  + "; ".join(truncation) + "."]
+    if examples:
+        lines += ["", "## Examples (held-out prompts)", ""]
+        for ex in examples:
+            lines += [
+                f"**Prompt:** {ex['prompt']}",
+                "",
+                "| π_0 | π_" + str(ex["iteration"]) + " |",
+                "|---|---|",
+                f"| {_cell(ex['baseline'])} | {_cell(ex['answer'])} |",
+                "",
+            ]
+    out = run.path / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def _cell(text: str) -> str:
+    return json.dumps(text)[1:-1].replace("|", "\\|") or "(empty)"

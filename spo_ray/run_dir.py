@@ -1,0 +1,85 @@
+"""The run directory (DESIGN.md §4) and its manifest of finished stages.
+
+    run_dir/
+      config.yaml  manifest.json  metrics.jsonl  split.json  report.md  win_rate.png
+      iter_0/policy/            π_0 as an HF folder; iter_0/answers.json (baseline answers)
+      iter_<t>/pairs/*.parquet  the iteration's pair rows;  iter_<t>/skipped/*.parquet
+      iter_<t>/policy/          π_t;  iter_<t>/eval.json;  iter_<t>/answers.json
+      iter_<t>/train_metrics.jsonl  iter_<t>/learner_summary.json
+
+A stage counts as finished only once `manifest.json` says so; the manifest is replaced
+atomically (write-then-rename) after the stage's files are complete, so a crash never
+leaves a half-written stage that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.manifest_path = self.path / "manifest.json"
+
+    def iter_dir(self, t: int) -> Path:
+        return self.path / f"iter_{t}"
+
+    def policy(self, t: int) -> Path:
+        return self.iter_dir(t) / "policy"
+
+    # -- manifest --------------------------------------------------------------------
+    def manifest(self) -> dict[str, list[str]]:
+        if not self.manifest_path.exists():
+            return {}
+        return json.loads(self.manifest_path.read_text())
+
+    def done(self, t: int, stage: str) -> bool:
+        return stage in self.manifest().get(f"iter_{t}", [])
+
+    def mark_done(self, t: int, stage: str) -> None:
+        manifest = self.manifest()
+        manifest.setdefault(f"iter_{t}", []).append(stage)
+        write_json_atomic(self.manifest_path, manifest)
+
+    def reset_iteration(self, t: int) -> None:
+        """Remove what an unfinished iteration left, so it restarts cleanly."""
+        for name in ("pairs", "skipped", "policy", "train_metrics.jsonl", "learner_summary.json"):
+            target = self.iter_dir(t) / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+        for leftover in self.iter_dir(t).glob(".tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    # -- files -----------------------------------------------------------------------
+    def write_json(self, relative: str, data: Any) -> Path:
+        path = self.path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, data)
+        return path
+
+    def read_json(self, relative: str) -> Any:
+        return json.loads((self.path / relative).read_text())
+
+    def append_metrics(self, record: dict) -> None:
+        with (self.path / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,256 @@
+"""The SPPO recipe: `python -m spo_ray.train [experiment=NAME] [key=value ...]`.
+
+One iteration t turns π_{t-1} into π_t (DESIGN.md §1, §3):
+
+    1. stream     prompts → K samples from π_{t-1} → judge → pairs      (pipeline.py)
+    2. train      DeepSpeed workers consume the pairs as they arrive      (learner/loop.py)
+                  and save π_t as an HF folder: iter_t/policy
+    3. evaluate   π_t's answers vs π_0's on held-out prompts              (evaluate.py)
+    4. report     metrics.jsonl, report.md, win_rate.png                  (report.py)
+
+The run directory's manifest records each finished stage, so the same command with the
+same `run.dir` resumes after the last finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import ray
+from omegaconf import DictConfig, OmegaConf
+
+from spo_ray.config import Config, register_configs, validate
+from spo_ray.data.prompts import iteration_prompts, load_prompts, split_prompts
+from spo_ray.report import write_report
+from spo_ray.run_dir import RunDir
+
+log = logging.getLogger("spo_ray")
+register_configs()
+
+
+@dataclass
+class Prompts:
+    train: list[dict]
+    held_out: list[dict]
+    skipped: dict[str, int]
+
+
+# ---------------------------------------------------------------------------- set-up
+def prepare_prompts(cfg: Config, run: RunDir) -> Prompts:
+    """Load, validate and split the prompts (before Ray starts); the split is saved and,
+    on resume, reused."""
+    d = cfg.data
+    loaded = load_prompts(d.source, d.format, d.prompt_field, d.id_field)
+    train, held_out = split_prompts(loaded.rows, d.num_eval, d.split_seed)
+    split_file = run.path / "split.json"
+    if split_file.exists():
+        saved = run.read_json("split.json")
+        by_id = {r["prompt_id"]: r for r in loaded.rows}
+        missing = [i for i in saved["train"] + saved["held_out"] if i not in by_id]
+        if missing:
+            raise ValueError(f"{split_file} names {len(missing)} prompts the data source no longer has (e.g. {missing[0]})")
+        train, held_out = [by_id[i] for i in saved["train"]], [by_id[i] for i in saved["held_out"]]
+    else:
+        run.write_json("split.json", {"train": [r["prompt_id"] for r in train], "held_out": [r["prompt_id"] for r in held_out], "skipped": loaded.skipped})
+    log.info("prompts: %d train, %d held out, skipped %s", len(train), len(held_out), loaded.skipped or "none")
+    return Prompts(train, held_out, loaded.skipped)
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster this driver runs in (`ray job submit`, `ray start`); start a
+    local one only when there is none."""
+    if ray.is_initialized():
+        return
+    address = cfg.cluster.address
+    try:
+        ray.init(address=address or "auto", log_to_driver=True)
+    except ConnectionError:
+        if address:
+            raise ConnectionError(f"cluster.address={address!r}: no Ray cluster answers there") from None
+        ray.init(num_cpus=cfg.cluster.num_cpus, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = cfg.run.timeouts.stream_no_progress_s
+    ctx.enable_progress_bars = True
+
+
+def initial_policy(cfg: Config, run: RunDir) -> str:
+    """π_0 as an HF folder in iter_0/policy (built offline or copied from the source)."""
+    from spo_ray.modeling import build_random_policy, load_policy, load_tokenizer, save_policy
+
+    out = run.policy(0)
+    if not run.done(0, "policy"):
+        m = cfg.model
+        if m.random_init is not None:
+            model, tokenizer = build_random_policy(m.random_init, cfg.run.seed)
+        else:
+            model = load_policy(m.name_or_path, m.dtype, "cpu", m.trust_remote_code, m.gguf_file)
+            tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
+        save_policy(model, tokenizer, out)
+        run.mark_done(0, "policy")
+    return str(out)
+
+
+# ---------------------------------------------------------------------------- stages
+def stream_and_train(cfg: Config, run: RunDir, prompts: list[dict], policy_path: str, t: int) -> dict:
+    """Stages 1+2: the pair stream of iteration t feeding the DeepSpeed learner."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from spo_ray.learner.loop import train_loop_per_worker
+    from spo_ray.pipeline import build_pair_stream
+
+    placement = cfg.cluster.learner
+    use_gpu = placement.gpus_per_worker > 0
+    resources = {"CPU": placement.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = placement.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=dict(
+            cfg=cfg,
+            policy_path=policy_path,
+            iter_dir=str(run.iter_dir(t)),
+            out_dir=str(run.policy(t)),
+            num_prompts=len(prompts),
+            iteration=t,
+        ),
+        scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        datasets={"pairs": build_pair_stream(cfg, prompts, policy_path, t)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"iter_{t}", storage_path=str(run.path / "ray_train"), failure_config=FailureConfig(max_failures=0)
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"iteration {t}: the learner failed: {result.error}") from result.error
+    return run.read_json(f"iter_{t}/learner_summary.json")
+
+
+def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t: int) -> dict:
+    """Stage 3: held-out answers of π_t; against π_0's answers for t ≥ 1."""
+    from spo_ray.evaluate import evaluate_policy
+
+    e = cfg.cluster.evaluate
+    task = ray.remote(evaluate_policy).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus)
+    baseline = None if t == 0 else run.read_json("iter_0/answers.json")["answers"]
+    ref = task.remote(cfg, policy_path, held_out, baseline)
+    try:
+        result = ray.get(ref, timeout=cfg.run.timeouts.eval_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise TimeoutError(
+            f"evaluation of iter_{t} took longer than run.timeouts.eval_s={cfg.run.timeouts.eval_s}s; "
+            "check the evaluation task's log in the Ray dashboard, raise the timeout, and rerun with the same run.dir"
+        ) from None
+    run.write_json(f"iter_{t}/answers.json", {"prompt_ids": [p["prompt_id"] for p in held_out], "answers": result.pop("answers"), "lengths": result.pop("lengths")})
+    if t > 0:
+        run.write_json(f"iter_{t}/eval.json", result)
+    return result
+
+
+# ---------------------------------------------------------------------------- recipe
+def iteration_record(run: RunDir, t: int, summary: dict, evaluation: dict, train_s: float, eval_s: float) -> dict:
+    steps = [json_line for json_line in _read_jsonl(run.iter_dir(t) / "train_metrics.jsonl")]
+    mean = lambda key: sum(s[key] * s["pairs"] for s in steps) / max(1, sum(s["pairs"] for s in steps))  # noqa: E731
+    baseline_lengths = run.read_json("iter_0/answers.json")["lengths"]
+    return {
+        "kind": "iteration",
+        "iteration": t,
+        "pairs": summary["pairs"],
+        "skipped": summary["skipped"],
+        "steps": summary["steps"],
+        "prompts_truncated": summary["prompts_truncated"],
+        "responses_truncated": summary["responses_truncated"],
+        "loss": mean("loss"),
+        "chosen_logratio": mean("chosen_logratio"),
+        "rejected_logratio": mean("rejected_logratio"),
+        "margin": mean("margin"),
+        **evaluation,
+        "baseline_avg_length": sum(baseline_lengths) / len(baseline_lengths),
+        "train_s": train_s,
+        "eval_s": eval_s,
+    }
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def _examples(run: RunDir, held_out: list[dict], t: int, k: int = 3) -> list[dict]:
+    base = run.read_json("iter_0/answers.json")["answers"]
+    last = run.read_json(f"iter_{t}/answers.json")["answers"]
+    return [{"prompt": p["prompt"], "baseline": b, "answer": a, "iteration": t} for p, b, a in list(zip(held_out, base, last))[:k]]
+
+
+def config_summary(cfg: Config) -> dict[str, str]:
+    model = cfg.model.name_or_path or f"random Llama ({cfg.model.random_init.num_layers} layers, hidden {cfg.model.random_init.hidden_size})"
+    l = cfg.learner
+    return {
+        "experiment": str(cfg.experiment),
+        "policy π_0": model,
+        "judge": cfg.judge.name,
+        "samples": f"K={cfg.rollout.num_samples}, T={cfg.rollout.temperature}, top_p={cfg.rollout.top_p}, max_new_tokens={cfg.rollout.max_new_tokens}",
+        "learner": f"{l.loss}, beta={l.beta} (η={1 / l.beta:g}), {l.optimizer} lr={l.lr}, epochs={l.epochs}, global batch {l.global_batch_size}, ZeRO-{l.zero_stage}",
+        "iterations": str(cfg.run.iterations),
+    }
+
+
+def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
+    """The whole run: set-up, then T iterations, each resumable stage by stage."""
+    run = RunDir(cfg.run.dir)
+    if raw is not None:
+        (run.path / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
+    prompts = prepare_prompts(cfg, run)
+    connect_ray(cfg)
+    policy = initial_policy(cfg, run)
+    if not run.done(0, "eval"):
+        evaluate(cfg, run, prompts.held_out, policy, 0)
+        run.mark_done(0, "eval")
+    for t in range(1, cfg.run.iterations + 1):
+        if run.done(t, "eval"):
+            policy = str(run.policy(t))
+            continue
+        batch = iteration_prompts(prompts.train, t, cfg.data.prompts_per_iteration)
+        start = time.time()
+        if not run.done(t, "train"):
+            run.reset_iteration(t)
+            print(f"[spo_ray] iteration {t}/{cfg.run.iterations}: streaming {len(batch)} prompts × K={cfg.rollout.num_samples} into the learner", flush=True)
+            summary = stream_and_train(cfg, run, batch, policy, t)
+            run.mark_done(t, "train")
+        summary = run.read_json(f"iter_{t}/learner_summary.json")
+        train_s = time.time() - start
+        policy = str(run.policy(t))
+        start = time.time()
+        evaluation = evaluate(cfg, run, prompts.held_out, policy, t)
+        record = iteration_record(run, t, summary, evaluation, train_s, time.time() - start)
+        for step in _read_jsonl(run.iter_dir(t) / "train_metrics.jsonl"):
+            run.append_metrics({"kind": "step", **step})
+        run.append_metrics(record)
+        run.mark_done(t, "eval")
+        print(
+            f"[spo_ray] iteration {t}: {summary['pairs']} pairs (skipped {summary['skipped'] or 0}), "
+            f"win rate vs π_0 {record['win_rate']:.3f} [{record['win_rate_ci'][0]:.3f}, {record['win_rate_ci'][1]:.3f}], "
+            f"avg length {record['avg_length']:.1f}",
+            flush=True,
+        )
+        write_report(run, config_summary(cfg), _examples(run, prompts.held_out, t))
+    report = write_report(run, config_summary(cfg), _examples(run, prompts.held_out, cfg.run.iterations))
+    print(f"[spo_ray] done: π_{cfg.run.iterations} in {run.policy(cfg.run.iterations)}; report: {report}", flush=True)
+    return run
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def main(raw: DictConfig) -> None:
+    cfg = validate(raw)
+    run_sppo(cfg, raw)
+
+
+if __name__ == "__main__":
+    main()
