@@ -257,6 +257,21 @@ class RunConfig:
 
 
 @dataclass
+class ServeConfig:
+    """Ray Serve spot checks of the current policy (spo_ray/serve.py)."""
+
+    enabled: bool = MISSING
+    host: str = MISSING
+    port: int = MISSING
+    name: str = MISSING
+    max_tokens_limit: int = MISSING
+    api_key: Optional[str] = None
+    num_cpus: float = MISSING
+    num_gpus: float = MISSING
+    reconfigure_timeout_s: float = MISSING
+
+
+@dataclass
 class Config:
     run: RunConfig = MISSING
     model: ModelConfig = MISSING
@@ -266,6 +281,7 @@ class Config:
     data: DataConfig = MISSING
     evaluate: EvalConfig = MISSING
     cluster: ClusterConfig = MISSING
+    serve: ServeConfig = MISSING
     experiment: Optional[str] = None
 
     def __post_init__(self) -> None:

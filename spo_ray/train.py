@@ -241,6 +241,10 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
             flush=True,
         )
         write_report(run, config_summary(cfg), _examples(run, prompts.held_out, t))
+        if cfg.serve.enabled:
+            from spo_ray.serve import serve_policy
+
+            serve_policy(cfg.serve, policy, iteration=t)
     report = write_report(run, config_summary(cfg), _examples(run, prompts.held_out, cfg.run.iterations))
     print(f"[spo_ray] done: π_{cfg.run.iterations} in {run.policy(cfg.run.iterations)}; report: {report}", flush=True)
     return run

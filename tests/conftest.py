@@ -1,0 +1,53 @@
+"""Shared fixtures: one local Ray instance per test session, tiny random policies."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_SPEC = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 2 CPUs, shared by every test that needs one (start-up is slow)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = 300  # a hung stream fails the test instead of waiting 30 min
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> str:
+    """A seeded tiny random Llama policy with a character tokenizer, saved as an HF folder."""
+    from types import SimpleNamespace
+
+    from spo_ray.modeling import build_random_policy, save_policy
+
+    model, tokenizer = build_random_policy(SimpleNamespace(**TINY_SPEC), seed=0)
+    return str(save_policy(model, tokenizer, tmp_path_factory.mktemp("policy") / "pi0"))
+
+
+def compose(overrides: list[str] | None = None):
+    """Compose conf/ with Hydra as `python -m spo_ray.train` would, and validate it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from spo_ray.config import register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        raw = hydra_compose(config_name="config", overrides=overrides or [])
+    return raw, validate(raw)
