@@ -1,8 +1,8 @@
 """One SPPO iteration as a Ray Data stream: prompts → rollout → judge → pair rows.
 
     prompts ─► RolloutStage (actor pool, holds π_t, K samples per prompt)
-            ─► JudgeStage   (actor pool, K×K pairwise logits → scores)
-            ─► select_pairs (stateless: p̂, chosen, rejected, P[w,l]; or a skip reason)
+            ─► JudgeStage   (actor pool, K×K pairwise logits → scores, then
+                             select_pairs: p̂, chosen, rejected, P[w,l]; or a skip reason)
             ─► the learner's `get_dataset_shard("pairs")`, which trains while later
                prompts are still being generated and judged, and persists the rows.
 
@@ -34,7 +34,6 @@ ROLLOUT_SCHEMA = pa.schema(
         ("response_tokens", pa.list_(pa.int64())),
     ]
 )
-JUDGED_SCHEMA = ROLLOUT_SCHEMA.append(pa.field("scores", pa.list_(pa.float64())))
 STREAM_SCHEMA = PAIR_SCHEMA.append(pa.field("skip_reason", pa.string()))
 
 
@@ -97,8 +96,9 @@ class JudgeStage:
     chat template up to the assistant turn), as the paper's ranking script does.
     """
 
-    def __init__(self, cfg: JudgeConfig, policy_path: str | None, device: str = "cpu") -> None:
+    def __init__(self, cfg: JudgeConfig, policy_path: str | None, iteration: int, device: str = "cpu") -> None:
         self.judge = build_judge(cfg, device=device)
+        self.iteration = iteration
         self.tokenizer = None
         if cfg.prompt_format == "chat" and policy_path is not None:
             from spo_ray.modeling import load_tokenizer
@@ -113,7 +113,10 @@ class JudgeStage:
             prompts = [format_prompt(self.tokenizer, p) for p in prompts]
         logits = self.judge.batch_pairwise_logits(prompts, batch.column("responses").to_pylist())
         scores = [scores_from_logits(m.double()).tolist() for m in logits]
-        return batch.append_column(pa.field("scores", pa.list_(pa.float64())), pa.array(scores, pa.list_(pa.float64())))
+        judged = batch.append_column(pa.field("scores", pa.list_(pa.float64())), pa.array(scores, pa.list_(pa.float64())))
+        # Pair selection is stateless and cheap: it runs here rather than as its own Ray
+        # task, which would cost a worker start and an object-store hop per batch.
+        return select_pairs(judged, self.iteration)
 
 
 def select_pairs(batch: pa.Table, iteration: int) -> pa.Table:
@@ -160,8 +163,8 @@ def build_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iterat
     c = cfg.cluster
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"]} for p in prompts]
     num_blocks = max(1, math.ceil(len(rows) / cfg.rollout.batch_size))
-    # Actors that die are restarted and their batch retried: a lost actor loses no prompt.
-    restart = dict(max_restarts=3, max_task_retries=3)
+    # Ray Data restarts a pool actor that dies and retries its batch (max_restarts and
+    # max_task_retries default to -1 for actor pools): a lost actor loses no prompt.
     ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
     ds = ds.map_batches(
         RolloutStage,
@@ -171,18 +174,18 @@ def build_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iterat
         compute=ray.data.ActorPoolStrategy(size=c.rollout.num_actors),
         num_cpus=c.rollout.num_cpus,
         num_gpus=c.rollout.num_gpus,
-        **restart,
     )
-    ds = ds.map_batches(
+    return ds.map_batches(
         JudgeStage,
         fn_constructor_kwargs=dict(
-            cfg=cfg.judge, policy_path=policy_path, device="cuda" if c.judge.num_gpus > 0 else "cpu"
+            cfg=cfg.judge,
+            policy_path=policy_path,
+            iteration=iteration,
+            device="cuda" if c.judge.num_gpus > 0 else "cpu",
         ),
         batch_size=cfg.judge.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=c.judge.num_actors),
         num_cpus=c.judge.num_cpus,
         num_gpus=c.judge.num_gpus,
-        **restart,
     )
-    return ds.map_batches(select_pairs, fn_kwargs=dict(iteration=iteration), batch_format="pyarrow", num_cpus=0.1)

@@ -67,8 +67,7 @@ class HFEngine:
         ).to(self.device)
         greedy = sampling.temperature == 0
         k = sampling.num_samples
-        generator_seed = sampling.seed
-        torch.manual_seed(generator_seed)
+        torch.manual_seed(sampling.seed)
         out = self.model.generate(
             **enc,
             do_sample=not greedy,
@@ -76,11 +75,13 @@ class HFEngine:
             top_p=None if greedy else sampling.top_p,
             top_k=None if greedy else 0,
             max_new_tokens=sampling.max_new_tokens,
-            num_return_sequences=k,
+            num_return_sequences=1 if greedy else k,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
         )
         new = out[:, enc["input_ids"].shape[1] :].cpu()
+        if greedy:  # K greedy samples are one answer, repeated
+            new = new.repeat_interleave(k, dim=0)
         rollouts = []
         for i in range(len(prompts)):
             responses, counts, truncated = [], [], []

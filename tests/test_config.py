@@ -1,0 +1,37 @@
+import pytest
+
+from tests.conftest import compose
+
+
+def test_default_config_composes_and_validates():
+    raw, cfg = compose()
+    assert cfg.experiment == "tiny" and cfg.model.random_init is not None
+    assert cfg.learner.loss == "sppo" and cfg.rollout.num_samples >= 2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("learner.loss=kto", "learner.loss"),
+        ("learner.lr=0", "learner.lr"),
+        ("rollout.num_samples=1", "rollout.num_samples"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("learner.global_batch_size=7", "global_batch_size"),
+        ("learner.max_prompt_length=4096", "max_prompt_length"),
+        ("judge.name=nope", "judge.name"),
+        ("learner.bf16=true", "bf16"),
+        ("model.name_or_path=some/model", "exactly one"),
+    ],
+)
+def test_invalid_values_fail_before_ray_with_the_key(override, message):
+    with pytest.raises(ValueError, match=message):
+        compose([override])
+
+
+def test_unknown_key_and_wrong_type_fail_at_compose():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="lrr"):
+        compose(["learner.lrr=1"])
+    with pytest.raises(ConfigCompositionException, match="learner.lr"):
+        compose(["learner.lr=abc"])

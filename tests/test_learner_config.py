@@ -1,0 +1,29 @@
+import pytest
+
+from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule
+from tests.conftest import compose
+
+
+def test_deepspeed_config_from_ours():
+    _, cfg = compose(["learner.micro_batch_size=2", "learner.global_batch_size=16", "learner.zero_stage=3"])
+    ds = build_deepspeed_config(cfg.learner, world_size=4)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 2  # 16 = 2 × 2 × 4
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}
+    assert ds["bf16"] == {"enabled": False} and ds["gradient_clipping"] == cfg.learner.grad_clip
+    assert ds["zero_allow_untested_optimizer"] is True
+
+
+def test_batch_that_does_not_divide_names_the_fix():
+    _, cfg = compose(["learner.micro_batch_size=4", "learner.global_batch_size=8"])
+    assert gradient_accumulation_steps(cfg.learner, 1) == 2
+    with pytest.raises(ValueError, match="num_workers"):
+        gradient_accumulation_steps(cfg.learner, 3)
+
+
+def test_linear_schedule_warmup_then_decay():
+    # 10 steps, 20 % warm-up = 2 steps: 1/3, 2/3, then (10−s)/8 from step 2
+    got = [linear_schedule(s, 10, 0.2) for s in range(10)]
+    want = [1 / 3, 2 / 3, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]
+    assert got == pytest.approx(want)
+    assert linear_schedule(0, 5, 0.0) == 1.0

@@ -1,0 +1,54 @@
+import pyarrow as pa
+import pytest
+
+from spo_ray.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, TokenStats, collate_pairs, pair_table
+from spo_ray.modeling import build_char_tokenizer
+
+
+def _row(prompt="Hi", chosen="abc", rejected="de", win=0.75, lose=0.25):
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "chosen_probs_win": win, "chosen_probs_lose": lose}
+
+
+def test_pair_schema_names_follow_design():
+    assert PAIR_COLUMNS == (
+        "prompt_id", "prompt", "responses", "scores", "win_rates", "chosen", "rejected",
+        "chosen_probs", "chosen_probs_win", "chosen_probs_lose", "iteration",
+    )
+    assert PAIR_SCHEMA.field("responses").type == pa.list_(pa.string())
+
+
+def test_collate_masks_prompt_and_padding_and_scores_response_with_eos():
+    tok = build_char_tokenizer()
+    batch = collate_pairs([_row()], tok, max_length=64, max_prompt_length=32)
+    prompt_len = len(tok(tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"])
+    ids, mask, attn = batch["input_ids"], batch["loss_mask"], batch["attention_mask"]
+    assert ids.shape[0] == 2  # chosen row 0, rejected row 1
+    # chosen: prompt, then "abc" + EOS; rejected: prompt, "de" + EOS, then one pad
+    assert mask[0].tolist() == [0] * prompt_len + [1] * 4
+    assert mask[1].tolist() == [0] * prompt_len + [1] * 3 + [0]
+    assert attn[1].tolist() == [1] * (prompt_len + 3) + [0]
+    assert ids[0, -1].item() == tok.eos_token_id and ids[1, -2].item() == tok.eos_token_id
+    assert ids[1, -1].item() == tok.pad_token_id
+    assert tok.decode(ids[0, prompt_len:prompt_len + 3]) == "abc"
+    assert batch["chosen_probs_win"].tolist() == [0.75] and batch["chosen_probs_lose"].tolist() == [0.25]
+
+
+def test_long_prompt_keeps_its_end_and_long_response_its_start_and_both_are_counted():
+    tok = build_char_tokenizer()
+    stats = TokenStats()
+    batch = collate_pairs([_row(prompt="x" * 100 + "END", chosen="S" + "y" * 100)], tok, max_length=40, max_prompt_length=20, stats=stats)
+    assert batch["input_ids"].shape[1] == 40
+    prompt_part = tok.decode(batch["input_ids"][0, :20])
+    assert "END" in prompt_part and batch["loss_mask"][0, :20].sum() == 0
+    assert tok.decode(batch["input_ids"][0, 20:21]) == "S"
+    assert stats.prompts_truncated == 1 and stats.responses_truncated == 1
+
+
+def test_pair_table_has_the_schema_and_drops_stream_columns():
+    row = {c: None for c in PAIR_COLUMNS} | {"prompt_id": "p", "prompt": "q", "responses": ["a", "b"], "scores": [1.0, 0.0],
+                                            "win_rates": [0.6, 0.4], "chosen": "a", "rejected": "b", "chosen_probs": 0.7,
+                                            "chosen_probs_win": 0.6, "chosen_probs_lose": 0.4, "iteration": 1, "skip_reason": ""}
+    table = pair_table([row])
+    assert table.schema == PAIR_SCHEMA and table.num_rows == 1
+    with pytest.raises(KeyError):
+        pair_table([{"prompt_id": "p"}])
