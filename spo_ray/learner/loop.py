@@ -72,9 +72,11 @@ class _PairSink:
         self.skipped_dir.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.parts: list[Path] = []
+        self.batches = 0
 
     def write(self, rows: list[dict]) -> None:
-        n = len(self.parts)
+        n = self.batches
+        self.batches += 1
         pairs = [r for r in rows if not r["skip_reason"]]
         skipped = [r for r in rows if r["skip_reason"]]
         if pairs:
