@@ -7,6 +7,7 @@ types, so Hydra rejects an unknown key or a wrong type while composing, and
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -224,6 +225,9 @@ class LearnerPlacement:
 class ClusterConfig:
     address: Optional[str] = None
     num_cpus: Optional[int] = None
+    # Root of run dirs and sweeps (conf/config.yaml: run.dir, hydra.sweep.dir); on a cluster a
+    # file system every node mounts. "." (this machine): the directory you launch from.
+    storage: str = "."
     nodes: int = MISSING
     gpus_per_node: int = MISSING
     colocate: bool = MISSING
@@ -236,6 +240,67 @@ class ClusterConfig:
         for name in ("rollout", "judge", "evaluate"):
             getattr(self, name).check(name)
         _positive("cluster.learner.num_workers", self.learner.num_workers)
+        if "://" in self.storage:
+            raise ValueError(
+                f"cluster.storage={self.storage!r}: run dirs are written with plain file I/O; mount the "
+                "bucket on every node (mountpoint-s3, gcsfuse) or use NFS, and give the mount path"
+            )
+        if self.nodes > 1 and not self.storage.startswith("/"):
+            raise ValueError(
+                f"cluster.storage={self.storage!r} with cluster.nodes={self.nodes}: every node writes to "
+                "the run dir, so it must be an absolute path on storage all nodes mount (e.g. /mnt/shared/spo_ray)"
+            )
+        self.check_placement()
+
+    def gpu_layout(self) -> dict[str, float]:
+        """GPUs each stage reserves while an iteration streams: rollout, judge and learner
+        run at the same time (the evaluation task runs after the learner has finished)."""
+        return {
+            "rollout": self.rollout.num_actors * self.rollout.num_gpus,
+            "judge": self.judge.num_actors * self.judge.num_gpus,
+            "learner": self.learner.num_workers * self.learner.gpus_per_worker,
+        }
+
+    def check_placement(self) -> None:
+        """Fail before Ray starts where Ray could never schedule the stages (it would wait forever)."""
+        total = self.nodes * self.gpus_per_node
+        layout = self.gpu_layout()
+        if sum(layout.values()) > total + 1e-9:
+            detail = ", ".join(f"{k} {v:g}" for k, v in layout.items())
+            raise ValueError(
+                f"cluster: the streamed stages reserve {sum(layout.values()):g} GPUs ({detail}) but "
+                f"cluster.nodes × cluster.gpus_per_node = {total}; lower num_actors, num_gpus or "
+                "learner.num_workers"
+            )
+        per_actor = {
+            "rollout.num_gpus": self.rollout.num_gpus,
+            "judge.num_gpus": self.judge.num_gpus,
+            "learner.gpus_per_worker": self.learner.gpus_per_worker,
+            "evaluate.num_gpus": self.evaluate.num_gpus,
+        }
+        for name, gpus in per_actor.items():
+            if gpus > 1 and gpus != int(gpus):
+                raise ValueError(f"cluster.{name}={gpus:g}: Ray takes a fraction below 1 or a whole number of GPUs")
+            if gpus > self.gpus_per_node:
+                raise ValueError(
+                    f"cluster.{name}={gpus:g}: one actor cannot span machines with "
+                    f"cluster.gpus_per_node={self.gpus_per_node} GPUs"
+                )
+        if self.evaluate.num_actors * self.evaluate.num_gpus > total:
+            raise ValueError(f"cluster.evaluate reserves more GPUs than the cluster has ({total})")
+
+    def describe(self) -> str:
+        """The placement as one line, e.g. for a log or a runbook."""
+        pools = [
+            f"rollout {self.rollout.num_actors}×{self.rollout.num_gpus:g}",
+            f"judge {self.judge.num_actors}×{self.judge.num_gpus:g}",
+            f"learner {self.learner.num_workers}×{self.learner.gpus_per_worker:g}",
+        ]
+        return (
+            f"{self.nodes}×{self.gpus_per_node} GPUs; streaming: {', '.join(pools)} = "
+            f"{sum(self.gpu_layout().values()):g} GPUs; then evaluate "
+            f"{self.evaluate.num_actors}×{self.evaluate.num_gpus:g}; storage {self.storage}"
+        )
 
 
 @dataclass
@@ -289,6 +354,18 @@ class Config:
             raise ValueError("rollout.engine=vllm needs GPUs: set cluster.rollout.num_gpus > 0")
         if self.learner.bf16 and self.cluster.learner.gpus_per_worker <= 0:
             raise ValueError("learner.bf16=true needs GPU learner workers (cluster.learner.gpus_per_worker > 0)")
+        per_step = self.learner.micro_batch_size * self.cluster.learner.num_workers
+        if self.learner.global_batch_size % per_step:
+            raise ValueError(
+                f"learner.global_batch_size={self.learner.global_batch_size} is not a multiple of "
+                f"learner.micro_batch_size × cluster.learner.num_workers = {per_step}"
+            )
+        if self.cluster.storage.startswith("/") and not self.run.dir.startswith("/"):
+            raise ValueError(
+                f"run.dir={self.run.dir!r} is relative but cluster.storage={self.cluster.storage!r} is shared "
+                "storage: under `ray job submit` a relative dir lands in the job's temporary working dir "
+                "on the head node; give an absolute path under cluster.storage"
+            )
 
 
 def register_configs() -> None:
@@ -297,8 +374,24 @@ def register_configs() -> None:
     cs.store(name="schema", node=Config)
 
 
+def _unknown_keys(node: DictConfig, path: str = "") -> list[str]:
+    """Keys a typed section does not declare: `+learner.lrr=1` gets past Hydra's struct check."""
+    schema = OmegaConf.get_type(node)
+    declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    unknown = []
+    for key in node.keys():
+        if declared is not None and key not in declared:
+            unknown.append(f"{path}{key}")
+        elif OmegaConf.is_dict(child := node._get_node(key)) and not child._is_none() and not child._is_missing():
+            unknown.extend(_unknown_keys(child, f"{path}{key}."))
+    return unknown
+
+
 def validate(cfg: DictConfig) -> Config:
     """Turn a composed config into dataclasses, running every `__post_init__` check."""
+    unknown = _unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"invalid configuration: unknown key(s) {', '.join(unknown)}: not in the schema (spo_ray/config.py)")
     try:
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except Exception as err:  # OmegaConf wraps errors from __post_init__

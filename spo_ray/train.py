@@ -27,6 +27,7 @@ from spo_ray.config import Config, register_configs, validate
 from spo_ray.data.prompts import iteration_prompts, load_prompts, split_prompts
 from spo_ray.report import write_report
 from spo_ray.run_dir import RunDir
+from spo_ray.sweep import sweep_run_dir
 
 log = logging.getLogger("spo_ray")
 register_configs()
@@ -252,6 +253,7 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> None:
+    raw.run.dir = sweep_run_dir(raw.run.dir)  # a sweep point (-m) runs in <hydra.sweep.dir>/<n>
     cfg = validate(raw)
     run_sppo(cfg, raw)
 
