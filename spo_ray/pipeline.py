@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import pyarrow as pa
 import ray
@@ -62,10 +62,11 @@ def make_engine(cfg: Config, policy_path: str, device: str | None = None):
 
 
 class RolloutStage:
-    """Actor-pool stage: K responses per prompt from π_t."""
+    """Actor-pool stage: K responses per prompt from π_t (`engine_factory` swaps the
+    engine, e.g. for the simulated cost model of benchmarks/overlap.py)."""
 
-    def __init__(self, cfg: Config, policy_path: str, iteration: int) -> None:
-        self.engine = make_engine(cfg, policy_path)
+    def __init__(self, cfg: Config, policy_path: str, iteration: int, engine_factory: Callable = make_engine) -> None:
+        self.engine = engine_factory(cfg, policy_path)
         r = cfg.rollout
         self.sampling = dict(
             num_samples=r.num_samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens
@@ -96,8 +97,10 @@ class JudgeStage:
     chat template up to the assistant turn), as the paper's ranking script does.
     """
 
-    def __init__(self, cfg: JudgeConfig, policy_path: str | None, iteration: int, device: str = "cpu") -> None:
-        self.judge = build_judge(cfg, device=device)
+    def __init__(
+        self, cfg: JudgeConfig, policy_path: str | None, iteration: int, device: str = "cpu", judge_factory: Callable = build_judge
+    ) -> None:
+        self.judge = judge_factory(cfg, device=device)
         self.iteration = iteration
         self.tokenizer = None
         if cfg.prompt_format == "chat" and policy_path is not None:
@@ -158,34 +161,49 @@ def select_pairs(batch: pa.Table, iteration: int) -> pa.Table:
     return pa.Table.from_pydict(out, schema=STREAM_SCHEMA)
 
 
-def build_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int) -> ray.data.Dataset:
-    """The lazy Ray Data stream of one iteration's pair rows (nothing runs until consumed)."""
-    c = cfg.cluster
+def rollout_stream(
+    cfg: Config, prompts: list[dict], policy_path: str, iteration: int, engine_factory: Callable = make_engine
+) -> ray.data.Dataset:
+    """Prompt rows → rollout rows, through the rollout actor pool (lazy)."""
+    c = cfg.cluster.rollout
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"]} for p in prompts]
-    num_blocks = max(1, math.ceil(len(rows) / cfg.rollout.batch_size))
+    # One block per rollout batch, so the first batches flow on while later ones are generated.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.rollout.batch_size)))
     # Ray Data restarts a pool actor that dies and retries its batch (max_restarts and
     # max_task_retries default to -1 for actor pools): a lost actor loses no prompt.
-    ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
-    ds = ds.map_batches(
+    return ds.map_batches(
         RolloutStage,
-        fn_constructor_kwargs=dict(cfg=cfg, policy_path=policy_path, iteration=iteration),
+        fn_constructor_kwargs=dict(cfg=cfg, policy_path=policy_path, iteration=iteration, engine_factory=engine_factory),
         batch_size=cfg.rollout.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=c.rollout.num_actors),
-        num_cpus=c.rollout.num_cpus,
-        num_gpus=c.rollout.num_gpus,
+        compute=ray.data.ActorPoolStrategy(size=c.num_actors),
+        num_cpus=c.num_cpus,
+        num_gpus=c.num_gpus,
     )
-    return ds.map_batches(
+
+
+def judge_stream(
+    cfg: Config, rollouts: ray.data.Dataset, policy_path: str, iteration: int, judge_factory: Callable = build_judge
+) -> ray.data.Dataset:
+    """Rollout rows → pair rows (with skip reasons), through the judge actor pool (lazy)."""
+    c = cfg.cluster.judge
+    return rollouts.map_batches(
         JudgeStage,
         fn_constructor_kwargs=dict(
             cfg=cfg.judge,
             policy_path=policy_path,
             iteration=iteration,
-            device="cuda" if c.judge.num_gpus > 0 else "cpu",
+            device="cuda" if c.num_gpus > 0 else "cpu",
+            judge_factory=judge_factory,
         ),
         batch_size=cfg.judge.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=c.judge.num_actors),
-        num_cpus=c.judge.num_cpus,
-        num_gpus=c.judge.num_gpus,
+        compute=ray.data.ActorPoolStrategy(size=c.num_actors),
+        num_cpus=c.num_cpus,
+        num_gpus=c.num_gpus,
     )
+
+
+def build_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int) -> ray.data.Dataset:
+    """The lazy Ray Data stream of one iteration's pair rows (nothing runs until consumed)."""
+    return judge_stream(cfg, rollout_stream(cfg, prompts, policy_path, iteration), policy_path, iteration)

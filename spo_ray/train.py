@@ -96,36 +96,43 @@ def initial_policy(cfg: Config, run: RunDir) -> str:
 
 
 # ---------------------------------------------------------------------------- stages
-def stream_and_train(cfg: Config, run: RunDir, prompts: list[dict], policy_path: str, t: int) -> dict:
-    """Stages 1+2: the pair stream of iteration t feeding the DeepSpeed learner."""
+def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_prompts: int, **loop_extra):
+    """A TorchTrainer whose DeepSpeed workers train π_{t-1} on the `pairs` dataset."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from spo_ray.learner.loop import train_loop_per_worker
-    from spo_ray.pipeline import build_pair_stream
 
     placement = cfg.cluster.learner
     use_gpu = placement.gpus_per_worker > 0
     resources = {"CPU": placement.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = placement.gpus_per_worker
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dict(
             cfg=cfg,
             policy_path=policy_path,
             iter_dir=str(run.iter_dir(t)),
             out_dir=str(run.policy(t)),
-            num_prompts=len(prompts),
+            num_prompts=num_prompts,
             iteration=t,
+            **loop_extra,
         ),
         scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets={"pairs": build_pair_stream(cfg, prompts, policy_path, t)},
+        datasets={"pairs": pairs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"iter_{t}", storage_path=str(run.path / "ray_train"), failure_config=FailureConfig(max_failures=0)
         ),
     )
+
+
+def stream_and_train(cfg: Config, run: RunDir, prompts: list[dict], policy_path: str, t: int) -> dict:
+    """Stages 1+2: the pair stream of iteration t feeding the DeepSpeed learner."""
+    from spo_ray.pipeline import build_pair_stream
+
+    trainer = make_trainer(cfg, run, build_pair_stream(cfg, prompts, policy_path, t), policy_path, t, len(prompts))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"iteration {t}: the learner failed: {result.error}") from result.error

@@ -43,6 +43,14 @@ class LearnerSummary:
     prompts_truncated: int = 0
     responses_truncated: int = 0
 
+    def count(self, group: list[list[dict]]) -> None:
+        for row in (r for micro in group for r in micro):
+            self.rows += 1
+            if row["skip_reason"]:
+                self.skipped[row["skip_reason"]] = self.skipped.get(row["skip_reason"], 0) + 1
+            else:
+                self.pairs += 1
+
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     """Write-then-rename: a crash never leaves a half-written part that looks complete."""
@@ -72,6 +80,7 @@ class _PairSink:
         self.skipped_dir.mkdir(parents=True, exist_ok=True)
         self.rank = rank
         self.parts: list[Path] = []
+        self.skipped: list[dict] = []
         self.batches = 0
 
     def write(self, rows: list[dict]) -> None:
@@ -84,15 +93,19 @@ class _PairSink:
             write_parquet_atomic(pair_table(pairs), path)
             self.parts.append(path)
         if skipped:
+            self.skipped += [{"prompt": "", **r} for r in skipped]
             table = pa.Table.from_pylist(
                 [{"prompt_id": r["prompt_id"], "skip_reason": r["skip_reason"], "iteration": r["iteration"]} for r in skipped]
             )
             write_parquet_atomic(table, self.skipped_dir / f"part-r{self.rank}-{n:05d}.parquet")
 
     def reread(self) -> Iterator[dict]:
+        """This worker's rows again, for epochs after the first: its persisted pairs, then
+        its skipped rows (weight 0), so every worker runs as many micro-steps as in epoch 1."""
         for path in self.parts:
             for row in pq.read_table(path).to_pylist():
                 yield {**row, "skip_reason": ""}
+        yield from self.skipped
 
 
 def _streamed_rows(shard, batch_size: int, sink: _PairSink) -> Iterator[dict]:
@@ -174,61 +187,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if group:
             yield group
 
+    simulate_step_s = loop_config.get("simulate_step_s")  # benchmarks/overlap.py --simulate
     for epoch in range(l.epochs):
-        # Epochs after the first re-read this worker's own persisted pairs: every worker
-        # holds the same number of them only with one worker, so re-reads are local.
         for group in step_groups(epoch):
-            totals = torch.zeros(5, dtype=torch.float64)  # loss·n, a·n, b·n, n, rows
-            for i, micro in enumerate(group):
-                if epoch == 0:
-                    summary.rows += len(micro)
-                    for r in micro:
-                        if r["skip_reason"]:
-                            summary.skipped[r["skip_reason"]] = summary.skipped.get(r["skip_reason"], 0) + 1
-                        else:
-                            summary.pairs += 1
-                weight = torch.tensor([0.0 if r["skip_reason"] else 1.0 for r in micro], device=device)
-                batch = collate_pairs(_filler(micro), tokenizer, l.max_length, l.max_prompt_length, stats)
-                batch = {k: v.to(device) for k, v in batch.items()}
-                engine.set_gradient_accumulation_boundary(i == len(group) - 1)
-                logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
-                with torch.no_grad():
-                    ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    ref_logps = sequence_logps(ref_logits, batch["input_ids"], batch["loss_mask"])
-                n = len(micro)
-                per_pair = preference_loss(
-                    logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
-                    loss_type=l.loss, beta=l.beta,
-                    chosen_probs_win=batch["chosen_probs_win"], chosen_probs_lose=batch["chosen_probs_lose"],
-                )
-                loss = (per_pair * weight).sum() / l.micro_batch_size
-                engine.backward(loss)
-                a = (logps[:n] - ref_logps[:n]).detach()
-                b = (logps[n:] - ref_logps[n:]).detach()
-                totals += torch.tensor(
-                    [(per_pair.detach() * weight).sum(), (a * weight).sum(), (b * weight).sum(), weight.sum(), n],
-                    dtype=torch.float64,
-                )
+            if epoch == 0:
+                summary.count(group)
+            if simulate_step_s is not None:  # the cost model: only the work is replaced
+                summary.steps += 1
+                time.sleep(simulate_step_s)
+                if rank == 0:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps({"step": summary.steps, "elapsed_s": round(time.time() - started, 2)}) + "\n")
+                continue
+            totals = _accumulate_gradients(engine, reference, tokenizer, group, l, device, stats)
             engine.step()
             summary.steps += 1
             if world > 1:
                 torch.distributed.all_reduce(totals)
-            grad_norm = engine.get_global_grad_norm()
-            n_pairs = max(totals[3].item(), 1.0)
-            record = {
-                "iteration": loop_config["iteration"],
-                "epoch": epoch,
-                "step": summary.steps,
-                "loss": totals[0].item() / n_pairs,
-                "chosen_logratio": totals[1].item() / n_pairs,  # a: log π_θ/π_t on chosen
-                "rejected_logratio": totals[2].item() / n_pairs,  # b: on rejected
-                "margin": (totals[1].item() - totals[2].item()) / n_pairs,
-                "pairs": int(totals[3].item()),
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "lr": scheduler.get_last_lr()[0],
-                "elapsed_s": round(time.time() - started, 2),
-            }
+            record = _step_record(totals, engine, scheduler, loop_config["iteration"], epoch, summary.steps, started)
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -246,6 +222,56 @@ def train_loop_per_worker(loop_config: dict) -> None:
     summary.responses_truncated = stats.responses_truncated
     _finish(engine, tokenizer, cfg, iter_dir, summary, rank, world, loop_config["out_dir"])
     ray.train.report({"steps": summary.steps, "pairs": summary.pairs})
+
+
+def _accumulate_gradients(engine, reference, tokenizer, group: list[list[dict]], l, device, stats: TokenStats) -> torch.Tensor:
+    """Forward/backward of one optimizer step's micro-batches (DeepSpeed accumulates).
+
+    Returns the step's sums (loss, a, b over weighted pairs; pairs; rows) for logging.
+    """
+    totals = torch.zeros(5, dtype=torch.float64)
+    for i, micro in enumerate(group):
+        weight = torch.tensor([0.0 if r["skip_reason"] else 1.0 for r in micro], device=device)
+        batch = collate_pairs(_filler(micro), tokenizer, l.max_length, l.max_prompt_length, stats)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        engine.set_gradient_accumulation_boundary(i == len(group) - 1)
+        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+        with torch.no_grad():
+            ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            ref_logps = sequence_logps(ref_logits, batch["input_ids"], batch["loss_mask"])
+        n = len(micro)
+        per_pair = preference_loss(
+            logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
+            loss_type=l.loss, beta=l.beta,
+            chosen_probs_win=batch["chosen_probs_win"], chosen_probs_lose=batch["chosen_probs_lose"],
+        )
+        engine.backward((per_pair * weight).sum() / l.micro_batch_size)
+        a = (logps[:n] - ref_logps[:n]).detach()
+        b = (logps[n:] - ref_logps[n:]).detach()
+        totals += torch.tensor(
+            [(per_pair.detach() * weight).sum(), (a * weight).sum(), (b * weight).sum(), weight.sum(), n],
+            dtype=torch.float64,
+        )
+    return totals
+
+
+def _step_record(totals: torch.Tensor, engine, scheduler, iteration: int, epoch: int, step: int, started: float) -> dict:
+    grad_norm = engine.get_global_grad_norm()
+    n_pairs = max(totals[3].item(), 1.0)
+    return {
+        "iteration": iteration,
+        "epoch": epoch,
+        "step": step,
+        "loss": totals[0].item() / n_pairs,
+        "chosen_logratio": totals[1].item() / n_pairs,  # a: log π_θ/π_t on chosen
+        "rejected_logratio": totals[2].item() / n_pairs,  # b: on rejected
+        "margin": (totals[1].item() - totals[2].item()) / n_pairs,
+        "pairs": int(totals[3].item()),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "lr": scheduler.get_last_lr()[0],
+        "elapsed_s": round(time.time() - started, 2),
+    }
 
 
 def _finish(engine, tokenizer, cfg: Config, iter_dir: Path, summary: LearnerSummary, rank: int, world: int, out_dir: str) -> None:

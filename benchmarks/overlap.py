@@ -1,0 +1,153 @@
+"""Streamed vs sequential: the same SPPO iteration run both ways, timed.
+
+    sequential  generate all → judge all → train  (the paper's scripts: three jobs)
+    streamed    prompts → rollout pool → judge pool → TorchTrainer, all at once
+
+Both modes run the real Ray Data stages and the real Ray Train + DeepSpeed learner of
+spo_ray. `--simulate` keeps that machinery but replaces the work inside each stage by a
+fixed cost per batch (sleep), so the overlap a cluster with disjoint GPUs per stage
+would get can be measured on 2 CPUs. The default costs are in the proportions
+generation : ranking : training = 1.0 : 0.5 : 0.8 — our estimate for one batch of the
+paper's setting on A100s (vLLM sampling K=5 responses of up to 1k tokens; PairRM's
+K(K−1) DeBERTa-large passes; a ZeRO-3 forward/backward of a 7B policy and its reference
+on two responses). No public measurement gives these ratios; pass your own with
+`--gen-s/--judge-s/--train-s`.
+
+    python benchmarks/overlap.py --out benchmarks/results/overlap_cpu.json
+    python benchmarks/overlap.py --simulate --out benchmarks/results/overlap_simulated.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from functools import partial
+from pathlib import Path
+
+import ray
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from spo_ray.rollout.base import Rollout  # noqa: E402
+
+
+class SimulatedEngine:
+    """Sleeps `batch_s` per rollout batch and returns K distinct dummy responses."""
+
+    def __init__(self, cfg, policy_path: str, batch_s: float) -> None:
+        self.batch_s = batch_s
+
+    def generate(self, prompts, sampling):
+        time.sleep(self.batch_s)
+        k = sampling.num_samples
+        return [Rollout([f"response {i} " * (i + 1) for i in range(k)], [i + 1 for i in range(k)], [False] * k) for _ in prompts]
+
+    def load_weights(self, path: str) -> None:
+        pass
+
+
+class SimulatedJudge:
+    """Sleeps `batch_s` per judge batch; prefers longer responses."""
+
+    def __init__(self, cfg, device: str, batch_s: float) -> None:
+        self.batch_s = batch_s
+
+    def pairwise_logits(self, prompt, responses):
+        f = torch.tensor([float(len(r)) for r in responses])
+        return f[:, None] - f[None, :]
+
+    def batch_pairwise_logits(self, prompts, responses):
+        time.sleep(self.batch_s)
+        return [self.pairwise_logits(p, r) for p, r in zip(prompts, responses)]
+
+
+def run_once(cfg, policy: str, prompts: list[dict], mode: str, args) -> float:
+    from spo_ray.pipeline import judge_stream, make_engine, rollout_stream
+    from spo_ray.judge import build_judge
+    from spo_ray.run_dir import RunDir
+    from spo_ray.train import make_trainer
+
+    engine_factory = partial(SimulatedEngine, batch_s=args.gen_s) if args.simulate else make_engine
+    judge_factory = partial(SimulatedJudge, batch_s=args.judge_s) if args.simulate else build_judge
+    extra = {"simulate_step_s": args.train_s} if args.simulate else {}
+    run = RunDir(tempfile.mkdtemp(prefix=f"overlap-{mode}-"))
+    start = time.time()
+    rollouts = rollout_stream(cfg, prompts, policy, 1, engine_factory)
+    if mode == "sequential":
+        rollouts = rollouts.materialize()  # generate all ...
+        pairs = judge_stream(cfg, rollouts, policy, 1, judge_factory).materialize()  # ... then judge all
+    else:
+        pairs = judge_stream(cfg, rollouts, policy, 1, judge_factory)
+    result = make_trainer(cfg, run, pairs, policy, 1, len(prompts), **extra).fit()  # ... then train
+    if result.error:
+        raise result.error
+    elapsed = time.time() - start
+    summary = run.read_json("iter_1/learner_summary.json")
+    assert summary["rows"] == len(prompts), summary
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--simulate", action="store_true", help="replace each stage's work by a per-batch cost")
+    parser.add_argument("--prompts", type=int, default=64, help="prompts in the iteration")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per rollout/judge batch and pairs per step")
+    parser.add_argument("--gen-s", type=float, default=1.0, help="--simulate: seconds per rollout batch")
+    parser.add_argument("--judge-s", type=float, default=0.5, help="--simulate: seconds per judge batch")
+    parser.add_argument("--train-s", type=float, default=0.8, help="--simulate: seconds per learner step")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    from tests.conftest import compose
+    from spo_ray.data.prompts import load_prompts
+    from spo_ray.modeling import build_random_policy, save_policy
+
+    b = args.batch
+    _, cfg = compose([
+        f"rollout.batch_size={b}", f"judge.batch_size={b}", f"learner.micro_batch_size={b}",
+        f"learner.global_batch_size={b}", "learner.epochs=1",
+    ])
+    rows = load_prompts("tiny_prompts", "builtin", "prompt", "prompt_id").rows
+    prompts = [{**rows[i % len(rows)], "prompt_id": f"p{i}"} for i in range(args.prompts)]
+    model, tok = build_random_policy(cfg.model.random_init, seed=0)
+    policy = str(save_policy(model, tok, Path(tempfile.mkdtemp()) / "pi0"))
+
+    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    sequential = run_once(cfg, policy, prompts, "sequential", args)
+    streamed = run_once(cfg, policy, prompts, "streamed", args)
+    ray.shutdown()
+
+    figures = {
+        "mode": "simulate" if args.simulate else "real",
+        "prompts": args.prompts,
+        "batch": b,
+        "sequential_s": round(sequential, 2),
+        "streamed_s": round(streamed, 2),
+        "speedup": round(sequential / streamed, 3),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, {platform.platform()}",
+        "date": date.today().isoformat(),
+    }
+    if args.simulate:
+        costs = {"generation": args.gen_s, "ranking": args.judge_s, "training": args.train_s}
+        ideal = sum(costs.values()) / max(costs.values())
+        figures.update(
+            per_batch_cost_s=costs,
+            ideal_speedup=round(ideal, 3),
+            efficiency=round(figures["speedup"] / ideal, 3),
+        )
+    print(json.dumps(figures, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
