@@ -265,10 +265,14 @@ class ClusterConfig:
         """Fail before Ray starts where Ray could never schedule the stages (it would wait forever)."""
         total = self.nodes * self.gpus_per_node
         layout = self.gpu_layout()
-        if sum(layout.values()) > total + 1e-9:
+        # Colocated: rollout + judge run first and release their GPUs, then the learner.
+        reserved = (
+            max(layout["rollout"] + layout["judge"], layout["learner"]) if self.colocate else sum(layout.values())
+        )
+        if reserved > total + 1e-9:
             detail = ", ".join(f"{k} {v:g}" for k, v in layout.items())
             raise ValueError(
-                f"cluster: the streamed stages reserve {sum(layout.values()):g} GPUs ({detail}) but "
+                f"cluster: the stages reserve {reserved:g} GPUs at once ({detail}) but "
                 f"cluster.nodes × cluster.gpus_per_node = {total}; lower num_actors, num_gpus or "
                 "learner.num_workers"
             )
@@ -329,11 +333,36 @@ class ServeConfig:
     host: str = MISSING
     port: int = MISSING
     name: str = MISSING
+    route_prefix: str = MISSING
     max_tokens_limit: int = MISSING
     api_key: Optional[str] = None
     num_cpus: float = MISSING
     num_gpus: float = MISSING
     reconfigure_timeout_s: float = MISSING
+    dtype: str = MISSING
+    default_max_tokens: int = MISSING
+    max_n: int = MISSING
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"serve.port must be in 1..65535, got {self.port}")
+        if not self.name:
+            raise ValueError("serve.name must not be empty (it is the Serve application name and the model id)")
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
+        _positive("serve.max_tokens_limit", self.max_tokens_limit)
+        if not 0 < self.default_max_tokens <= self.max_tokens_limit:
+            raise ValueError(
+                f"serve.default_max_tokens={self.default_max_tokens} must be in "
+                f"1..serve.max_tokens_limit ({self.max_tokens_limit})"
+            )
+        _positive("serve.max_n", self.max_n)
+        _positive("serve.reconfigure_timeout_s", self.reconfigure_timeout_s)
+        if self.num_cpus < 0 or self.num_gpus < 0:
+            raise ValueError("serve.num_cpus and serve.num_gpus must be ≥ 0")
+        _one_of("serve.dtype", self.dtype, DTYPES)
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("serve.api_key is empty: set a token, or null for no authentication")
 
 
 @dataclass

@@ -132,7 +132,12 @@ def stream_and_train(cfg: Config, run: RunDir, prompts: list[dict], policy_path:
     """Stages 1+2: the pair stream of iteration t feeding the DeepSpeed learner."""
     from spo_ray.pipeline import build_pair_stream
 
-    trainer = make_trainer(cfg, run, build_pair_stream(cfg, prompts, policy_path, t), policy_path, t, len(prompts))
+    pairs = build_pair_stream(cfg, prompts, policy_path, t)
+    if cfg.cluster.colocate:
+        # Rollout, judge and learner share GPUs: generate and judge everything first; the
+        # stage actors exit when the stream is done and free their GPU memory for training.
+        pairs = pairs.materialize()
+    trainer = make_trainer(cfg, run, pairs, policy_path, t, len(prompts))
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"iteration {t}: the learner failed: {result.error}") from result.error

@@ -275,3 +275,16 @@ def test_rayjob_matches_the_four_node_preset():
     assert int(container["resources"]["limits"]["nvidia.com/gpu"]) == cfg.cluster.gpus_per_node
     assert docs["PersistentVolumeClaim"]["spec"]["accessModes"] == ["ReadWriteMany"]
     assert "cluster=a100x8x4" in docs["RayJob"]["spec"]["entrypoint"]
+
+
+def test_colocated_placement_counts_the_larger_phase_not_the_sum():
+    from tests.conftest import compose as compose_validated
+
+    shared = [
+        "cluster=a100x8", "experiment=mistral7b_sppo", "cluster.rollout.num_actors=6", "cluster.judge.num_actors=4",
+        "cluster.judge.num_gpus=0.5", "cluster.learner.num_workers=8", "learner.global_batch_size=64",
+    ]
+    with pytest.raises(ValueError, match="reserve 16 GPUs"):
+        compose_validated(shared + ["cluster.colocate=false"])
+    _, cfg = compose_validated(shared + ["cluster.colocate=true"])
+    assert cfg.cluster.colocate
