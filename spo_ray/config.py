@@ -101,7 +101,7 @@ class KeywordJudgeConfig:
 class PairRMConfig:
     name_or_path: str = MISSING
     backbone: Optional[str] = None
-    dtype: str = MISSING
+    dtype: Optional[str] = None
     token_budget: int = MISSING
 
 
