@@ -75,8 +75,7 @@ def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], basel
     Runs as one Ray task (resources from `cluster.evaluate`); plain Python otherwise.
     """
     from spo_ray.judge import build_judge
-    from spo_ray.pipeline import make_engine
-    from spo_ray.rollout.hf import format_prompt
+    from spo_ray.pipeline import judge_prompts, make_engine
 
     e = cfg.evaluate
     engine = make_engine(cfg, policy_path)
@@ -93,6 +92,6 @@ def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], basel
     if baseline is None:
         return result
     judge = build_judge(cfg.judge)
-    judge_prompts = [format_prompt(engine.tokenizer, p) for p in prompts] if cfg.judge.prompt_format == "chat" else prompts
-    result.update(win_rate(judge_outcomes(judge, judge_prompts, answers, baseline)).as_dict())
+    shown = judge_prompts(prompts, cfg.judge.prompt_format, engine.tokenizer)
+    result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
     return result

@@ -24,6 +24,7 @@ from spo_ray.config import Config, JudgeConfig
 from spo_ray.data.schema import STREAM_COLUMNS, PAIR_SCHEMA
 from spo_ray.judge import build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
+from spo_ray.rollout.hf import format_prompt
 from spo_ray.sppo import select_pair
 
 ROLLOUT_SCHEMA = pa.schema(
@@ -90,6 +91,14 @@ class RolloutStage:
         )
 
 
+def judge_prompts(prompts: Sequence[str], prompt_format: str, tokenizer=None) -> list[str]:
+    """The prompt text the judge sees: `chat` — as the policy saw it (its chat template up
+    to the assistant turn, as the paper's ranking script does); `raw` — the user text."""
+    if prompt_format == "chat" and tokenizer is not None:
+        return [format_prompt(tokenizer, p) for p in prompts]
+    return list(prompts)
+
+
 class JudgeStage:
     """Actor-pool stage: the judge's K×K logits for each prompt, reduced to scores s_i.
 
@@ -102,6 +111,7 @@ class JudgeStage:
     ) -> None:
         self.judge = judge_factory(cfg, device=device)
         self.iteration = iteration
+        self.prompt_format = cfg.prompt_format
         self.tokenizer = None
         if cfg.prompt_format == "chat" and policy_path is not None:
             from spo_ray.modeling import load_tokenizer
@@ -109,11 +119,7 @@ class JudgeStage:
             self.tokenizer = load_tokenizer(policy_path)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        prompts = batch.column("prompt").to_pylist()
-        if self.tokenizer is not None:
-            from spo_ray.rollout.hf import format_prompt
-
-            prompts = [format_prompt(self.tokenizer, p) for p in prompts]
+        prompts = judge_prompts(batch.column("prompt").to_pylist(), self.prompt_format, self.tokenizer)
         logits = self.judge.batch_pairwise_logits(prompts, batch.column("responses").to_pylist())
         scores = [scores_from_logits(m.double()).tolist() for m in logits]
         judged = batch.append_column(pa.field("scores", pa.list_(pa.float64())), pa.array(scores, pa.list_(pa.float64())))

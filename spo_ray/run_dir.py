@@ -78,8 +78,12 @@ class RunDir:
         with (self.path / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def metrics(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
+    def read_jsonl(self, relative: str) -> list[dict]:
+        """The records of a JSON-lines file in the run dir ([] when it does not exist yet)."""
+        path = self.path / relative
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def metrics(self) -> list[dict]:
+        return self.read_jsonl("metrics.jsonl")

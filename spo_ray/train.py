@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import hydra
 import ray
@@ -167,8 +166,9 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
 
 
 # ---------------------------------------------------------------------------- recipe
-def iteration_record(run: RunDir, t: int, summary: dict, evaluation: dict, train_s: float, eval_s: float) -> dict:
-    steps = [json_line for json_line in _read_jsonl(run.iter_dir(t) / "train_metrics.jsonl")]
+def iteration_record(
+    run: RunDir, t: int, summary: dict, steps: list[dict], evaluation: dict, train_s: float, eval_s: float
+) -> dict:
     mean = lambda key: sum(s[key] * s["pairs"] for s in steps) / max(1, sum(s["pairs"] for s in steps))  # noqa: E731
     baseline_lengths = run.read_json("iter_0/answers.json")["lengths"]
     return {
@@ -188,12 +188,6 @@ def iteration_record(run: RunDir, t: int, summary: dict, evaluation: dict, train
         "train_s": train_s,
         "eval_s": eval_s,
     }
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    import json
-
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _examples(run: RunDir, held_out: list[dict], t: int, k: int = 3) -> list[dict]:
@@ -235,15 +229,16 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
         if not run.done(t, "train"):
             run.reset_iteration(t)
             print(f"[spo_ray] iteration {t}/{cfg.run.iterations}: streaming {len(batch)} prompts × K={cfg.rollout.num_samples} into the learner", flush=True)
-            summary = stream_and_train(cfg, run, batch, policy, t)
+            stream_and_train(cfg, run, batch, policy, t)
             run.mark_done(t, "train")
         summary = run.read_json(f"iter_{t}/learner_summary.json")
         train_s = time.time() - start
         policy = str(run.policy(t))
         start = time.time()
         evaluation = evaluate(cfg, run, prompts.held_out, policy, t)
-        record = iteration_record(run, t, summary, evaluation, train_s, time.time() - start)
-        for step in _read_jsonl(run.iter_dir(t) / "train_metrics.jsonl"):
+        steps = run.read_jsonl(f"iter_{t}/train_metrics.jsonl")
+        record = iteration_record(run, t, summary, steps, evaluation, train_s, time.time() - start)
+        for step in steps:
             run.append_metrics({"kind": "step", **step})
         run.append_metrics(record)
         run.mark_done(t, "eval")
