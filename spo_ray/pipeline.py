@@ -22,6 +22,7 @@ import torch
 
 from spo_ray.config import Config, JudgeConfig
 from spo_ray.data.schema import STREAM_COLUMNS, PAIR_SCHEMA
+from spo_ray.faults import maybe_fail
 from spo_ray.judge import build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.hf import format_prompt
@@ -80,6 +81,7 @@ class RolloutStage:
         prompts = batch.column("prompt").to_pylist()
         seed = batch_seed(self.seed, self.iteration, ids)
         rollouts = self.engine.generate(prompts, SamplingConfig(seed=seed, **self.sampling))
+        maybe_fail("rollout_batch")  # fault injection (spo_ray/faults.py); a no-op unless asked for
         return pa.Table.from_pydict(
             {
                 "prompt_id": ids,
@@ -122,6 +124,7 @@ class JudgeStage:
         prompts = judge_prompts(batch.column("prompt").to_pylist(), self.prompt_format, self.tokenizer)
         logits = self.judge.batch_pairwise_logits(prompts, batch.column("responses").to_pylist())
         scores = [scores_from_logits(m.double()).tolist() for m in logits]
+        maybe_fail("judge_batch")
         judged = batch.append_column(pa.field("scores", pa.list_(pa.float64())), pa.array(scores, pa.list_(pa.float64())))
         # Pair selection is stateless and cheap: it runs here rather than as its own Ray
         # task, which would cost a worker start and an object-store hop per batch.

@@ -23,6 +23,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from spo_ray.config import Config, register_configs, validate
+from spo_ray.faults import fault_env, maybe_fail
 from spo_ray.data.prompts import iteration_prompts, load_prompts, split_prompts
 from spo_ray.report import write_report
 from spo_ray.run_dir import RunDir
@@ -66,12 +67,15 @@ def connect_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.cluster.address
+    runtime_env = {"env_vars": fault_env()} if fault_env() else None  # fault injection reaches the workers
     try:
-        ray.init(address=address or "auto", log_to_driver=True)
+        if address == "local":  # always a fresh local Ray, even when another cluster runs here
+            raise ConnectionError
+        ray.init(address=address or "auto", log_to_driver=True, runtime_env=runtime_env)
     except ConnectionError:
-        if address:
+        if address not in (None, "local"):
             raise ConnectionError(f"cluster.address={address!r}: no Ray cluster answers there") from None
-        ray.init(num_cpus=cfg.cluster.num_cpus, log_to_driver=True)
+        ray.init(num_cpus=cfg.cluster.num_cpus, log_to_driver=True, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = cfg.run.timeouts.stream_no_progress_s
     ctx.enable_progress_bars = True
@@ -231,6 +235,7 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
             print(f"[spo_ray] iteration {t}/{cfg.run.iterations}: streaming {len(batch)} prompts × K={cfg.rollout.num_samples} into the learner", flush=True)
             stream_and_train(cfg, run, batch, policy, t)
             run.mark_done(t, "train")
+            maybe_fail("driver_after_train")  # fault injection (spo_ray/faults.py)
         summary = run.read_json(f"iter_{t}/learner_summary.json")
         train_s = time.time() - start
         policy = str(run.policy(t))

@@ -28,6 +28,7 @@ import torch
 
 from spo_ray.config import Config
 from spo_ray.data.schema import PAIR_COLUMNS, TokenStats, collate_pairs, pair_table
+from spo_ray.faults import maybe_fail
 from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule
 from spo_ray.sppo import preference_loss, sequence_logps
 
@@ -208,6 +209,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+            maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
                 if summary.steps % cfg.run.log_every == 0:
                     eta = (time.time() - started) / summary.steps * max(0, total_steps - summary.steps)
                     print(

@@ -1,0 +1,60 @@
+"""Fault injection for the fault-tolerance tests and `make chaos` (off unless asked for).
+
+    SPO_RAY_FAULT="<site>@<n>[,<site>@<n>...]"   SPO_RAY_FAULT_DIR=/some/shared/dir
+
+makes the process that reaches `site` for the n-th time (counted across all processes of
+the run, on one machine) exit at once with code 17 — the way a lost node, an OOM kill or a
+SIGKILL ends it: no exception handler, no cleanup. Each fault fires once per fault dir (a
+marker file records it), so the replacement actor, the restarted worker or the resumed
+run goes on. Sites are named where `maybe_fail` is called, e.g. `rollout_batch`,
+`judge_batch`, `learner_step`, `driver_after_train`.
+
+The variables reach Ray's workers through the job's runtime_env (`fault_env`, used by
+`spo_ray.train.connect_ray`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+FAULT_ENV = "SPO_RAY_FAULT"
+FAULT_DIR_ENV = "SPO_RAY_FAULT_DIR"
+EXIT_CODE = 17
+
+
+def fault_env() -> dict[str, str]:
+    """The fault variables of this process, to forward to Ray workers ({} when none)."""
+    return {k: os.environ[k] for k in (FAULT_ENV, FAULT_DIR_ENV) if os.environ.get(k)}
+
+
+def _threshold(site: str) -> int | None:
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        name, _, n = item.strip().partition("@")
+        if name == site:
+            return int(n or 1)
+    return None
+
+
+def maybe_fail(site: str) -> None:
+    """Count one arrival at `site`; exit the process if a fault asks for it here and now."""
+    n = _threshold(site)
+    if n is None:
+        return
+    folder = Path(os.environ.get(FAULT_DIR_ENV) or "/tmp/spo_ray_faults")
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{site}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        counter, fired = folder / f"{site}.count", folder / f"{site}.fired"
+        count = int(counter.read_text() or 0) + 1 if counter.exists() else 1
+        counter.write_text(str(count))
+        if count < n or fired.exists():
+            return
+        fired.write_text(f"pid {os.getpid()} at arrival {count}\n")
+    os._exit(EXIT_CODE)
+
+
+def fired(site: str, folder: str | os.PathLike) -> bool:
+    """Whether the fault at `site` has fired (for tests: a fault that never fired proves nothing)."""
+    return (Path(folder) / f"{site}.fired").exists()
