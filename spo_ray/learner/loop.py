@@ -209,7 +209,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-            maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
                 if summary.steps % cfg.run.log_every == 0:
                     eta = (time.time() - started) / summary.steps * max(0, total_steps - summary.steps)
                     print(
@@ -219,6 +218,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         f"lr {record['lr']:.2e} ETA {eta:.0f}s",
                         flush=True,
                     )
+            maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
 
     summary.prompts_truncated = stats.prompts_truncated
     summary.responses_truncated = stats.responses_truncated
