@@ -10,7 +10,10 @@ run goes on. Sites are named where `maybe_fail` is called, e.g. `rollout_batch`,
 `judge_batch`, `learner_step`, `driver_after_train`.
 
 The variables reach Ray's workers through the job's runtime_env (`fault_env`, used by
-`spo_ray.train.connect_ray`).
+`spo_ray.train.connect_ray`). When SPO_RAY_FAULT is unset but SPO_RAY_FAULT_DIR is set,
+the spec is read from the file `<fault dir>/spec` at each arrival, so tests that share one
+running Ray can arm a fault (write the file), run, and disarm it (remove the file) without
+restarting Ray (tests/conftest.py: `arm_fault`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 FAULT_ENV = "SPO_RAY_FAULT"
 FAULT_DIR_ENV = "SPO_RAY_FAULT_DIR"
+SPEC_FILE = "spec"
 EXIT_CODE = 17
 
 
@@ -29,8 +33,21 @@ def fault_env() -> dict[str, str]:
     return {k: os.environ[k] for k in (FAULT_ENV, FAULT_DIR_ENV) if os.environ.get(k)}
 
 
+def _spec() -> str:
+    """The fault spec: SPO_RAY_FAULT, else the file `<SPO_RAY_FAULT_DIR>/spec` ("" if neither)."""
+    if os.environ.get(FAULT_ENV):
+        return os.environ[FAULT_ENV]
+    folder = os.environ.get(FAULT_DIR_ENV)
+    if not folder:
+        return ""
+    try:
+        return (Path(folder) / SPEC_FILE).read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def _threshold(site: str) -> int | None:
-    for item in os.environ.get(FAULT_ENV, "").split(","):
+    for item in _spec().split(","):
         name, _, n = item.strip().partition("@")
         if name == site:
             return int(n or 1)
@@ -58,3 +75,10 @@ def maybe_fail(site: str) -> None:
 def fired(site: str, folder: str | os.PathLike) -> bool:
     """Whether the fault at `site` has fired (for tests: a fault that never fired proves nothing)."""
     return (Path(folder) / f"{site}.fired").exists()
+
+
+def reset(folder: str | os.PathLike) -> None:
+    """Forget every arrival count and fired marker in `folder` (the spec file stays)."""
+    for path in Path(folder).glob("*"):
+        if path.suffix in (".count", ".fired", ".lock"):
+            path.unlink(missing_ok=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -16,17 +18,56 @@ TINY_SPEC = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """A local Ray with 2 CPUs, shared by every test that needs one (start-up is slow)."""
+def fault_dir(tmp_path_factory) -> Path:
+    """The session's fault-injection folder (spo_ray/faults.py), known to every Ray worker."""
+    return tmp_path_factory.mktemp("faults")
+
+
+@pytest.fixture(scope="session")
+def ray_session(fault_dir):
+    """A local Ray with 2 CPUs, shared by every test that needs one (start-up is slow).
+
+    Its workers see SPO_RAY_FAULT_DIR (not SPO_RAY_FAULT): a test arms a fault by writing
+    the spec file there (`arm_fault`), without restarting Ray. The test process itself
+    never reads it, so a fault can only kill Ray's workers, not pytest.
+    """
     import ray
 
+    from spo_ray.faults import FAULT_DIR_ENV
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"env_vars": {FAULT_DIR_ENV: str(fault_dir)}},
+        )
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = 300  # a hung stream fails the test instead of waiting 30 min
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def arm_fault(ray_session, fault_dir):
+    """`with arm_fault("rollout_batch@2") as folder:` — the fault is armed for the body only.
+
+    Entering clears earlier counts and markers and writes the spec; leaving removes the
+    spec (markers stay, so `spo_ray.faults.fired(site, folder)` can be checked after).
+    """
+    from spo_ray.faults import SPEC_FILE, reset
+
+    @contextmanager
+    def arm(spec: str) -> Iterator[Path]:
+        reset(fault_dir)
+        (fault_dir / SPEC_FILE).write_text(spec)
+        try:
+            yield fault_dir
+        finally:
+            (fault_dir / SPEC_FILE).unlink(missing_ok=True)
+
+    return arm
 
 
 @pytest.fixture(scope="session")
