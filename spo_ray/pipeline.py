@@ -23,7 +23,7 @@ import torch
 from spo_ray.config import Config, JudgeConfig
 from spo_ray.data.schema import STREAM_COLUMNS, PAIR_SCHEMA
 from spo_ray.faults import maybe_fail
-from spo_ray.judge import build_judge, scores_from_logits
+from spo_ray.judge import attach_references, build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.hf import format_prompt
 from spo_ray.sppo import select_pair
@@ -34,6 +34,7 @@ ROLLOUT_SCHEMA = pa.schema(
         ("prompt", pa.string()),
         ("responses", pa.list_(pa.string())),
         ("response_tokens", pa.list_(pa.int64())),
+        ("reference", pa.string()),  # the prompt's reference answer; null unless the prompt has one
     ]
 )
 STREAM_SCHEMA = PAIR_SCHEMA.append(pa.field("skip_reason", pa.string()))
@@ -88,9 +89,15 @@ class RolloutStage:
                 "prompt": prompts,
                 "responses": [r.responses for r in rollouts],
                 "response_tokens": [r.num_tokens for r in rollouts],
+                "reference": _column(batch, "reference"),
             },
             schema=ROLLOUT_SCHEMA,
         )
+
+
+def _column(batch: pa.Table, name: str) -> list:
+    """A column's values, or nulls when the batch has no such column."""
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
 
 def judge_prompts(prompts: Sequence[str], prompt_format: str, tokenizer=None) -> list[str]:
@@ -122,6 +129,7 @@ class JudgeStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         prompts = judge_prompts(batch.column("prompt").to_pylist(), self.prompt_format, self.tokenizer)
+        attach_references(self.judge, prompts, _column(batch, "reference"))  # reference-guided judges only
         logits = self.judge.batch_pairwise_logits(prompts, batch.column("responses").to_pylist())
         scores = [scores_from_logits(m.double()).tolist() for m in logits]
         maybe_fail("judge_batch")
@@ -175,7 +183,7 @@ def rollout_stream(
 ) -> ray.data.Dataset:
     """Prompt rows → rollout rows, through the rollout actor pool (lazy)."""
     c = cfg.cluster.rollout
-    rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"]} for p in prompts]
+    rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "reference": p.get("reference")} for p in prompts]
     # One block per rollout batch, so the first batches flow on while later ones are generated.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.rollout.batch_size)))
     # Ray Data restarts a pool actor that dies and retries its batch (max_restarts and

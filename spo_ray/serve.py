@@ -45,6 +45,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spo_ray.config import ServeConfig
+from spo_ray.rollout.hf import format_prompt
 
 log = logging.getLogger(__name__)
 replica_log = logging.getLogger("ray.serve")  # lands in the replica's Serve log file
@@ -161,16 +162,12 @@ class Completion:
 
 def render_messages(tokenizer: Any, messages: Sequence[dict]) -> str:
     """The text the policy continues: the chat template of the whole conversation up to
-    the assistant turn; without a template, a single user message as is (like
-    `rollout.hf.format_prompt`) or `role: content` lines."""
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
-        except Exception as err:  # jinja raises for conversations a template rejects
-            raise PromptError(f"the model's chat template rejects these messages: {err}") from None
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    the assistant turn; without a template, a single user message as is or `role: content`
+    lines (`rollout.hf.format_prompt`)."""
+    try:
+        return format_prompt(tokenizer, messages)
+    except Exception as err:  # jinja raises for conversations a template rejects
+        raise PromptError(f"the model's chat template rejects these messages: {err}") from None
 
 
 @torch.inference_mode()

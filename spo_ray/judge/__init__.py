@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 from spo_ray.judge.base import Judge, scores_from_logits
 
 if TYPE_CHECKING:
     from spo_ray.config import JudgeConfig
 
-__all__ = ["Judge", "build_judge", "scores_from_logits"]
+__all__ = ["Judge", "attach_references", "build_judge", "scores_from_logits"]
 
 
 def build_judge(cfg: "JudgeConfig", device: str = "cpu") -> Judge:
@@ -33,6 +33,17 @@ def build_judge(cfg: "JudgeConfig", device: str = "cpu") -> Judge:
         from spo_ray.judge.lm_judge import LMJudge
 
         return LMJudge.from_pretrained(cfg.lm.name_or_path, device=device, dtype=cfg.lm.dtype)
-    # The reference-guided judge needs each prompt's reference answer, which the stream
-    # does not carry yet (issue 8); it is usable directly: spo_ray.judge.reference.
-    raise ValueError(f"judge.name={cfg.name!r} cannot run in the training stream yet; use keyword, length, pairrm or lm")
+    if cfg.name == "reference":
+        from spo_ray.judge.reference import ReferenceJudge
+
+        r = cfg.reference
+        return ReferenceJudge.from_pretrained(r.name_or_path, temperature=r.temperature, device=device)
+    raise ValueError(f"judge.name={cfg.name!r} is not one of keyword, length, pairrm, reference, lm")
+
+
+def attach_references(judge: Judge, prompts: Sequence[str], references: Sequence[str | None]) -> None:
+    """Give a judge that needs them (`needs_references`) the reference answers of the
+    prompts it is about to judge, keyed by the prompt text it will see. A prompt without
+    a reference is an error there (naming the prompt), never a silent tie."""
+    if getattr(judge, "needs_references", False):
+        judge.set_references(dict(zip(prompts, references)))

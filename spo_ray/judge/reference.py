@@ -54,6 +54,8 @@ def similarity_logits(scores: torch.Tensor, temperature: float) -> torch.Tensor:
 class ReferenceJudge:
     """Judge protocol over cosine similarity to each prompt's reference answer."""
 
+    needs_references = True  # the judge stage and the evaluator call `set_references` per batch
+
     def __init__(
         self,
         embed: Embedder,
@@ -98,7 +100,9 @@ class ReferenceJudge:
         empty = [p for p, r in references.items() if not isinstance(r, str) or not r.strip()]
         if empty:
             raise ValueError(
-                f"{len(empty)} reference answers are empty or not strings, e.g. for prompt {empty[0][:80]!r}"
+                f"{len(empty)} reference answers are missing, empty or not strings, e.g. for prompt "
+                f"{empty[0][:80]!r}; the reference judge needs prompts that come with one "
+                "(AlpacaEval's `output`, or a `reference` field)"
             )
         self._references = dict(references)
         self._reference_embeddings = {}

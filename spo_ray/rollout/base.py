@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, Sequence, Union, runtime_checkable
+
+# A prompt: one user message, or a whole conversation (role/content dicts) ending in a user turn.
+Prompt = Union[str, Sequence[dict]]
 
 
 @dataclass(frozen=True)
@@ -41,9 +44,9 @@ class Rollout:
 class Engine(Protocol):
     """A policy that samples responses. Implementations: `hf.HFEngine`, `vllm.VLLMEngine`."""
 
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Rollout]:
-        """One `Rollout` per prompt. Prompts are user messages; the engine applies the
-        tokenizer's chat template when it has one."""
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[Rollout]:
+        """One `Rollout` per prompt. Prompts are user messages or conversations; the engine
+        applies the tokenizer's chat template when it has one."""
         ...
 
     def load_weights(self, path: str) -> None:

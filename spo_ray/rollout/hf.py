@@ -9,19 +9,21 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from spo_ray.modeling import load_policy, load_tokenizer
-from spo_ray.rollout.base import Rollout, SamplingConfig
+from spo_ray.rollout.base import Prompt, Rollout, SamplingConfig
 
 log = logging.getLogger(__name__)
 
 
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
     """The text the policy continues: the chat template up to the assistant turn, when the
-    tokenizer has one; the raw prompt otherwise."""
+    tokenizer has one; otherwise a single user message as is, a conversation as
+    `role: content` lines."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 class HFEngine:
@@ -53,7 +55,7 @@ class HFEngine:
         self.path = path
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str], sampling: SamplingConfig) -> list[Rollout]:
+    def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[Rollout]:
         if not prompts:
             return []
         texts = [format_prompt(self.tokenizer, p) for p in prompts]
