@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: venv
-	$(PY) -m spo_ray.train run.dir=$(RUN_DIR)
+	$(PY) -m spo_ray.train cluster.address=local run.dir=$(RUN_DIR)
 
 test: venv
 	$(PY) -m pytest -q --durations=20 tests

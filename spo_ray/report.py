@@ -31,6 +31,36 @@ def _plot(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
+def _plot_steps(steps: list[dict], out: Path) -> None:
+    """a, b and the margin a − b per learner step: a and b rising together is sharpening
+    (both samples get likelier), a rising while b falls is preference learning."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(1, len(steps) + 1))
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
+    ax.plot(x, [s["chosen_logratio"] for s in steps], label="a = log π_θ/π_t (chosen)")
+    ax.plot(x, [s["rejected_logratio"] for s in steps], label="b = log π_θ/π_t (rejected)")
+    ax.plot(x, [s["margin"] for s in steps], label="margin a − b", linewidth=2)
+    for n in range(1, len(steps)):
+        if steps[n]["iteration"] != steps[n - 1]["iteration"]:
+            ax.axvline(n + 0.5, color="grey", linestyle=":", linewidth=1)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel("learner step (dotted: next iteration)")
+    ax.set_ylabel("nats")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def step_rows(run: RunDir) -> list[dict]:
+    """The learner's per-step records of finished iterations (from metrics.jsonl)."""
+    return [m for m in run.metrics() if m.get("kind") == "step" and "margin" in m]
+
+
 def iteration_rows(run: RunDir) -> list[dict]:
     """One summary row per finished iteration (from metrics.jsonl)."""
     rows = {}
@@ -68,8 +98,28 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
         truncation = [f"t={r['iteration']}: prompts {r['prompts_truncated']}, responses {r['responses_truncated']}" for r in rows]
         lines += ["", "Truncated to the learner's limits (prompt: last tokens kept; response: first tokens kept): "
                   + "; ".join(truncation) + "."]
+    steps = step_rows(run)
+    if steps:
+        _plot_steps(steps, run.path / "logratios.png")
+        lines += [
+            "",
+            "## Per learner step: chosen and rejected log-ratios",
+            "",
+            "![a, b and a − b per step](logratios.png)",
+            "",
+            "<details><summary>per-step table</summary>",
+            "",
+            "| iteration | step | pairs | loss | a (chosen) | b (rejected) | margin a−b | lr |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['iteration']} | {s['step']} | {s['pairs']} | {s['loss']:.4g} | {s['chosen_logratio']:+.3f} | "
+            f"{s['rejected_logratio']:+.3f} | {s['margin']:+.3f} | {s['lr']:.2e} |"
+            for s in steps
+        ]
+        lines += ["", "</details>"]
     if examples:
-        lines += ["", "## Examples (held-out prompts)", ""]
+        lines += ["", "## Examples (held-out prompts; first those whose greedy answer changed)", ""]
         for ex in examples:
             lines += [
                 f"**Prompt:** {ex['prompt']}",

@@ -57,13 +57,27 @@ def prepare_prompts(cfg: Config, run: RunDir) -> Prompts:
         train, held_out = [by_id[i] for i in saved["train"]], [by_id[i] for i in saved["held_out"]]
     else:
         run.write_json("split.json", {"train": [r["prompt_id"] for r in train], "held_out": [r["prompt_id"] for r in held_out], "skipped": loaded.skipped})
+    if cfg.judge.name == "reference":
+        check_references(train + held_out, d.source)
     log.info("prompts: %d train, %d held out, skipped %s", len(train), len(held_out), loaded.skipped or "none")
     return Prompts(train, held_out, loaded.skipped)
 
 
+def check_references(prompts: list[dict], source: str) -> None:
+    """The reference judge scores against each prompt's reference answer: fail before Ray
+    starts if a prompt has none (it would otherwise fail the judge stage mid-iteration)."""
+    missing = [p["prompt_id"] for p in prompts if not (p.get("reference") or "").strip()]
+    if missing:
+        raise ValueError(
+            f"judge.name=reference: {len(missing)} of {len(prompts)} prompts of data.source={source!r} have no "
+            f"reference answer (e.g. prompt_id {missing[0]}); use a source whose records carry one "
+            "(data.format=alpaca_eval, or a `reference` field) or another judge"
+        )
+
+
 def connect_ray(cfg: Config) -> None:
     """Join the cluster this driver runs in (`ray job submit`, `ray start`); start a
-    local one only when there is none."""
+    local one only when there is none, or always with `cluster.address=local`."""
     if ray.is_initialized():
         return
     address = cfg.cluster.address
@@ -91,8 +105,11 @@ def initial_policy(cfg: Config, run: RunDir) -> str:
         if m.random_init is not None:
             model, tokenizer = build_random_policy(m.random_init, cfg.run.seed)
         else:
-            model = load_policy(m.name_or_path, m.dtype, "cpu", m.trust_remote_code, m.gguf_file)
-            tokenizer = load_tokenizer(m.name_or_path, m.trust_remote_code)
+            from spo_ray.gguf import converted_policy
+
+            source = m.name_or_path or converted_policy(m.gguf_file, m.gguf_cache_dir)
+            model = load_policy(source, m.dtype, "cpu", m.trust_remote_code)
+            tokenizer = load_tokenizer(source, m.trust_remote_code)
         save_policy(model, tokenizer, out)
         run.mark_done(0, "policy")
     return str(out)
@@ -149,7 +166,7 @@ def stream_and_train(cfg: Config, run: RunDir, prompts: list[dict], policy_path:
 
 def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t: int) -> dict:
     """Stage 3: held-out answers of π_t; against π_0's answers for t ≥ 1."""
-    from spo_ray.evaluate import evaluate_policy
+    from spo_ray.evaluate import evaluate_policy, write_answer_files
 
     e = cfg.cluster.evaluate
     task = ray.remote(evaluate_policy).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus)
@@ -163,7 +180,8 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
             f"evaluation of iter_{t} took longer than run.timeouts.eval_s={cfg.run.timeouts.eval_s}s; "
             "check the evaluation task's log in the Ray dashboard, raise the timeout, and rerun with the same run.dir"
         ) from None
-    run.write_json(f"iter_{t}/answers.json", {"prompt_ids": [p["prompt_id"] for p in held_out], "answers": result.pop("answers"), "lengths": result.pop("lengths")})
+    run.write_json(f"iter_{t}/answers.json", {"prompt_ids": [p["prompt_id"] for p in held_out], "answers": result["answers"], "lengths": result.pop("lengths")})
+    write_answer_files(run.iter_dir(t), held_out, result.pop("answers"), result.pop("mt_bench", None), f"{cfg.experiment}-pi_{t}")
     if t > 0:
         run.write_json(f"iter_{t}/eval.json", result)
     return result
@@ -197,11 +215,13 @@ def iteration_record(
 def _examples(run: RunDir, held_out: list[dict], t: int, k: int = 3) -> list[dict]:
     base = run.read_json("iter_0/answers.json")["answers"]
     last = run.read_json(f"iter_{t}/answers.json")["answers"]
-    return [{"prompt": p["prompt"], "baseline": b, "answer": a, "iteration": t} for p, b, a in list(zip(held_out, base, last))[:k]]
+    rows = [{"prompt": p["prompt"], "baseline": b, "answer": a, "iteration": t} for p, b, a in zip(held_out, base, last)]
+    # The first held-out prompts whose answer changed (an unchanged one shows nothing), then the rest.
+    return sorted(rows, key=lambda r: r["baseline"] == r["answer"])[:k]
 
 
 def config_summary(cfg: Config) -> dict[str, str]:
-    model = cfg.model.name_or_path or f"random Llama ({cfg.model.random_init.num_layers} layers, hidden {cfg.model.random_init.hidden_size})"
+    model = cfg.model.name_or_path or (cfg.model.gguf_file and f"GGUF {cfg.model.gguf_file}") or f"random Llama ({cfg.model.random_init.num_layers} layers, hidden {cfg.model.random_init.hidden_size})"
     l = cfg.learner
     return {
         "experiment": str(cfg.experiment),

@@ -3,8 +3,8 @@ import pytest
 from tests.conftest import compose
 
 
-def test_default_config_composes_and_validates():
-    raw, cfg = compose()
+def test_tiny_config_composes_and_validates():
+    raw, cfg = compose(["experiment=tiny"])
     assert cfg.experiment == "tiny" and cfg.model.random_init is not None
     assert cfg.learner.loss == "sppo" and cfg.rollout.num_samples >= 2
 
@@ -21,17 +21,19 @@ def test_default_config_composes_and_validates():
         ("judge.name=nope", "judge.name"),
         ("learner.bf16=true", "bf16"),
         ("model.name_or_path=some/model", "exactly one"),
+        ("model.gguf_file=x.gguf", "exactly one"),
+        ("evaluate.mt_bench_turns=3", "evaluate.mt_bench_turns"),
     ],
 )
 def test_invalid_values_fail_before_ray_with_the_key(override, message):
     with pytest.raises(ValueError, match=message):
-        compose([override])
+        compose(["experiment=tiny", override])
 
 
 def test_unknown_key_and_wrong_type_fail_at_compose():
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException, match="lrr"):
-        compose(["learner.lrr=1"])
+        compose(["experiment=tiny", "learner.lrr=1"])
     with pytest.raises(ConfigCompositionException, match="learner.lr"):
-        compose(["learner.lr=abc"])
+        compose(["experiment=tiny", "learner.lr=abc"])

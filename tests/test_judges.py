@@ -39,6 +39,6 @@ def test_bad_keyword_judge_config():
 def test_build_judge_from_config():
     from tests.conftest import compose
 
-    _, cfg = compose()
+    _, cfg = compose(["experiment=tiny"])
     judge = build_judge(cfg.judge)
     assert isinstance(judge, KeywordJudge) and judge.target == cfg.judge.keyword.target

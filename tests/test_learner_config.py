@@ -5,7 +5,7 @@ from tests.conftest import compose
 
 
 def test_deepspeed_config_from_ours():
-    _, cfg = compose(["learner.micro_batch_size=2", "learner.global_batch_size=16", "learner.zero_stage=3"])
+    _, cfg = compose(["experiment=tiny", "learner.micro_batch_size=2", "learner.global_batch_size=16", "learner.zero_stage=3"])
     ds = build_deepspeed_config(cfg.learner, world_size=4)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 2  # 16 = 2 × 2 × 4
@@ -15,7 +15,7 @@ def test_deepspeed_config_from_ours():
 
 
 def test_batch_that_does_not_divide_names_the_fix():
-    _, cfg = compose(["learner.micro_batch_size=4", "learner.global_batch_size=8"])
+    _, cfg = compose(["experiment=tiny", "learner.micro_batch_size=4", "learner.global_batch_size=8"])
     assert gradient_accumulation_steps(cfg.learner, 1) == 2
     with pytest.raises(ValueError, match="num_workers"):
         gradient_accumulation_steps(cfg.learner, 3)

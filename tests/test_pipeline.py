@@ -58,6 +58,7 @@ def test_one_streamed_iteration_counts_every_prompt_and_trains(ray_session, tiny
     from spo_ray.train import stream_and_train
 
     _, cfg = compose([
+        "experiment=tiny",
         "rollout.num_samples=3", "rollout.max_new_tokens=12", "rollout.batch_size=4",
         "learner.micro_batch_size=2", "learner.global_batch_size=4", "learner.epochs=2",
         f"model.random_init.hidden_size=32",

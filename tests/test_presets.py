@@ -27,8 +27,10 @@ GPU_CLUSTERS = ("a100x8", "a100x8x4")
 # The tiny preset as a cluster smoke test: its micro batch (4) × the learner workers.
 TINY_ON_GPUS = {"a100x8": ["learner.global_batch_size=16"], "a100x8x4": ["learner.global_batch_size=32"]}
 # Every meaningful (experiment, cluster) pair and the overrides it needs.
+SMOLLM2 = ("smollm2_demo", "smollm2_sppo")
 PAIRS = (
     [("tiny", "local", [])]
+    + [(e, "local", []) for e in SMOLLM2]
     + [("tiny", c, TINY_ON_GPUS[c]) for c in GPU_CLUSTERS]
     + [(e, c, []) for e in PAPER for c in GPU_CLUSTERS]
 )
@@ -39,7 +41,7 @@ def _names(group: str) -> set[str]:
 
 
 def test_the_pairs_below_cover_every_shipped_preset():
-    assert _names("experiment") == {"tiny", *PAPER}, "a new conf/experiment preset: add it to PAIRS"
+    assert _names("experiment") == {"tiny", *SMOLLM2, *PAPER}, "a new conf/experiment preset: add it to PAIRS"
     assert _names("cluster") == {"local", *GPU_CLUSTERS}, "a new conf/cluster preset: add it to PAIRS"
 
 
@@ -84,6 +86,21 @@ def test_mistral7b_sppo_holds_the_papers_values():
     assert (d.format, d.prompt_field, d.prompts_per_iteration) == ("parquet", "prompt", 20000)
     assert d.source == "/mnt/shared/spo_ray/data/ultrafeedback_prompts.parquet"
     assert cfg.cluster.nodes * cfg.cluster.gpus_per_node == 8  # the paper's 8 × A100
+
+
+def test_the_default_experiment_is_the_smollm2_demo():
+    _, cfg = compose()
+    assert cfg.experiment == "smollm2_demo" and cfg.model.gguf_file == "shipped" and cfg.model.name_or_path is None
+    assert cfg.judge.name == "reference" and cfg.data.format == "alpaca_eval" and cfg.cluster.gpus_per_node == 0
+    assert cfg.run.iterations >= 2
+
+
+def test_smollm2_sppo_is_the_result_run_the_issue_asks_for():
+    demo, result = _container("smollm2_demo"), _container("smollm2_sppo")
+    _, cfg = compose(["experiment=smollm2_sppo"])
+    assert cfg.run.iterations == 3 and cfg.data.prompts_per_iteration >= 150 and cfg.data.num_eval >= 200
+    assert cfg.evaluate.mt_bench_source == "shipped" and cfg.evaluate.mt_bench_turns == 2
+    assert (demo["model"], demo["judge"]["name"], demo["data"]["source"]) == (result["model"], "reference", result["data"]["source"])
 
 
 def _container(experiment: str) -> dict:

@@ -298,8 +298,8 @@ def test_serve_settings_are_typed_and_checked():
         with pytest.raises(ValueError, match=key):
             load_serve_config([bad])
     with pytest.raises(ValueError, match="serve.max_n"):
-        compose(["serve.max_n=0"])
-    assert compose(["serve.enabled=true"])[1].serve.enabled is True
+        compose(["experiment=tiny", "serve.max_n=0"])
+    assert compose(["experiment=tiny", "serve.enabled=true"])[1].serve.enabled is True
 
 
 def test_command_line_resolves_checkpoints_before_ray(policies, tmp_path):
