@@ -125,6 +125,7 @@ def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], basel
         result["mt_bench"] = mt_bench_answers(engine, questions, sampling, e.batch_size, e.mt_bench_turns)
     if baseline is None:
         return result
+    print(f"[eval] judging {len(answers)} answers against π_0's, both orders ({cfg.judge.name} judge)", flush=True)
     judge = build_judge(cfg.judge)
     shown = judge_prompts(prompts, cfg.judge.prompt_format, engine.tokenizer)
     attach_references(judge, shown, [p.get("reference") for p in held_out])

@@ -72,6 +72,7 @@ def iteration_rows(run: RunDir) -> list[dict]:
 
 def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dict]) -> Path:
     rows = iteration_rows(run)
+    run.write_json("iterations.json", rows)  # the table's records, for other tools and benchmarks/results
     lines = ["# spo_ray run report", "", f"Run directory: `{run.path}`", "", "## Configuration", ""]
     lines += [f"- **{k}**: {v}" for k, v in config_summary.items()]
     lines += [

@@ -2,10 +2,12 @@
 
     run_dir/
       config.yaml  manifest.json  metrics.jsonl  split.json  report.md  win_rate.png
+      logratios.png  iterations.json  (report.py)
       iter_0/policy/            π_0 as an HF folder; iter_0/answers.json (baseline answers)
       iter_<t>/pairs/*.parquet  the iteration's pair rows;  iter_<t>/skipped/*.parquet
       iter_<t>/policy/          π_t;  iter_<t>/eval.json;  iter_<t>/answers.json
       iter_<t>/train_metrics.jsonl  iter_<t>/learner_summary.json
+      iter_<t>/model_outputs.json  iter_<t>/mt_bench_answers.jsonl  (answer files, evaluate.py)
 
 A stage counts as finished only once `manifest.json` says so; the manifest is replaced
 atomically (write-then-rename) after the stage's files are complete, so a crash never

@@ -31,7 +31,7 @@ def test_smollm2_demo_writes_eval_answer_files_and_report(ray_session, tmp_path_
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert "[eval] held-out answers 4/4" in out and "[learner] iter 1" in out
+    assert "[eval] held-out answers 4/4" in out and "[eval] judging 4 answers" in out and "[learner] iter 1" in out
     assert proc.stdout.rstrip().splitlines()[-1].endswith(f"report: {run / 'report.md'}")
 
     assert (run / "iter_0" / "policy" / "model.safetensors").is_file()
@@ -52,3 +52,5 @@ def test_smollm2_demo_writes_eval_answer_files_and_report(ray_session, tmp_path_
     report = (run / "report.md").read_text()
     assert "| 1 | " in report and "logratios.png" in report and "## Examples" in report
     assert (run / "win_rate.png").is_file() and (run / "logratios.png").is_file()
+    (record,) = json.loads((run / "iterations.json").read_text())
+    assert record["iteration"] == 1 and record["win_rate"] == ev["win_rate"] and "margin" in record
