@@ -146,6 +146,7 @@ def test_mt_bench_turn_two_sees_the_policys_own_first_answer(tmp_path):
     assert json.loads((tmp_path / "model_outputs.json").read_text()) == [
         {"instruction": "Say hi.", "output": "hello", "generator": "demo-pi_1", "dataset": "spo_ray"}
     ]
+    assert (tmp_path / "model_outputs.json").stat().st_mode & 0o777 == 0o644
     lines = [json.loads(l) for l in (tmp_path / "mt_bench_answers.jsonl").read_text().splitlines()]
     assert [(l["question_id"], l["model_id"], l["choices"][0]["turns"]) for l in lines] == [
         (7, "demo-pi_1", ["1:Only one turn."]),

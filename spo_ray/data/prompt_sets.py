@@ -161,6 +161,7 @@ def _write_atomic(path: Path, text: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp makes the file private; answer files are for other tools and users
     os.replace(tmp, path)
     return path
 
