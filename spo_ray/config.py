@@ -157,9 +157,16 @@ class LearnerConfig:
     grad_clip: float = MISSING
     max_length: int = MISSING
     max_prompt_length: int = MISSING
+    checkpoint_every: int = MISSING  # optimizer steps between step checkpoints; 0: none
+    max_failures: int = MISSING  # worker-group restarts Ray Train may make per iteration
 
     def __post_init__(self) -> None:
         _one_of("learner.loss", self.loss, LOSS_TYPES)
+        if self.checkpoint_every < 0 or self.max_failures < 0:
+            raise ValueError(
+                f"learner.checkpoint_every ({self.checkpoint_every}) and learner.max_failures "
+                f"({self.max_failures}) must be ≥ 0 (0: no step checkpoints / no restarts)"
+            )
         _one_of("learner.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
         _positive("learner.beta", self.beta)
@@ -332,6 +339,7 @@ class RunConfig:
     dir: str = MISSING
     iterations: int = MISSING
     seed: int = MISSING
+    deterministic: bool = MISSING  # Ray Data keeps row order into the learner (item 6 of issue 6)
     log_every: int = MISSING
     timeouts: TimeoutConfig = MISSING
 

@@ -224,3 +224,27 @@ def judge_stream(
 def build_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int) -> ray.data.Dataset:
     """The lazy Ray Data stream of one iteration's pair rows (nothing runs until consumed)."""
     return judge_stream(cfg, rollout_stream(cfg, prompts, policy_path, iteration), policy_path, iteration)
+
+
+def remaining_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int, iter_dir: str) -> ray.data.Dataset:
+    """The stream of the prompts whose row is not persisted in `iter_dir` yet. Ray Train
+    calls it each time it (re)starts the learner, so a restart generates nothing twice."""
+    from spo_ray.run_dir import persisted_prompt_ids
+
+    done = persisted_prompt_ids(iter_dir)
+    todo = [p for p in prompts if p["prompt_id"] not in done]
+    stream = build_pair_stream(cfg, todo, policy_path, iteration) if todo else ray.data.from_arrow(STREAM_SCHEMA.empty_table())
+    return pad_for_workers(stream, len(todo), cfg.cluster.learner.num_workers)
+
+
+def pad_for_workers(stream: ray.data.Dataset, rows: int, workers: int) -> ray.data.Dataset:
+    """Ray Train splits the stream with `equal=True`, which drops the last rows when their
+    count is not a multiple of the workers; weight-0 filler rows (`skip_reason` "filler",
+    never persisted or counted) make it one, so no prompt is lost."""
+    from spo_ray.learner.resume import filler_row
+
+    missing = -rows % workers
+    if not missing:
+        return stream
+    fillers = {name: [filler_row().get(name)] * missing for name in STREAM_SCHEMA.names}
+    return stream.union(ray.data.from_arrow(pa.Table.from_pydict(fillers, schema=STREAM_SCHEMA)))

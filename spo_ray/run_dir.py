@@ -8,10 +8,14 @@
       iter_<t>/policy/          π_t;  iter_<t>/eval.json;  iter_<t>/answers.json
       iter_<t>/train_metrics.jsonl  iter_<t>/learner_summary.json
       iter_<t>/model_outputs.json  iter_<t>/mt_bench_answers.jsonl  (answer files, evaluate.py)
+      iter_<t>/checkpoints/step_<n>/  the learner's last step checkpoint (DeepSpeed + position.json)
 
 A stage counts as finished only once `manifest.json` says so; the manifest is replaced
 atomically (write-then-rename) after the stage's files are complete, so a crash never
-leaves a half-written stage that looks finished.
+leaves a half-written stage that looks finished. The same holds inside the `train` stage:
+pair parts and step checkpoints are written under a temporary name and renamed when
+complete (spo_ray/learner/resume.py), so an unfinished `train` stage resumes from what it
+left — its persisted pairs are not generated again, its last checkpoint is loaded.
 """
 
 from __future__ import annotations
@@ -55,15 +59,17 @@ class RunDir:
         manifest.setdefault(f"iter_{t}", []).append(stage)
         write_json_atomic(self.manifest_path, manifest)
 
-    def reset_iteration(self, t: int) -> None:
-        """Remove what an unfinished iteration left, so it restarts cleanly."""
-        for name in ("pairs", "skipped", "policy", "train_metrics.jsonl", "learner_summary.json"):
+    def prepare_train(self, t: int) -> None:
+        """Before an unfinished `train` stage (re)starts: drop its outputs that only a finished
+        stage writes (π_t, the summary) and half-written temporaries; keep the persisted pairs,
+        skipped prompts, step checkpoints and step metrics it resumes from."""
+        for name in ("policy", "learner_summary.json"):
             target = self.iter_dir(t) / name
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        for leftover in self.iter_dir(t).glob(".tmp-*"):
+        for leftover in [*self.iter_dir(t).glob(".tmp-*"), *self.iter_dir(t).glob("checkpoints/.tmp-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
 
     # -- files -----------------------------------------------------------------------
@@ -89,3 +95,15 @@ class RunDir:
 
     def metrics(self) -> list[dict]:
         return self.read_jsonl("metrics.jsonl")
+
+
+def persisted_prompt_ids(iter_dir: str | Path) -> set[str]:
+    """Prompts of an iteration whose row is already persisted, as a pair or a counted skip
+    (only complete parts: a part is renamed into place once written)."""
+    import pyarrow.parquet as pq
+
+    ids: set[str] = set()
+    for sub in ("pairs", "skipped"):
+        for part in sorted(Path(iter_dir, sub).glob("part-*.parquet")):
+            ids.update(pq.read_table(part, columns=["prompt_id"]).column("prompt_id").to_pylist())
+    return ids

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import hydra
 import ray
@@ -26,7 +27,7 @@ from spo_ray.config import Config, register_configs, validate
 from spo_ray.faults import fault_env, maybe_fail
 from spo_ray.data.prompts import iteration_prompts, load_prompts, split_prompts
 from spo_ray.report import write_report
-from spo_ray.run_dir import RunDir
+from spo_ray.run_dir import RunDir, persisted_prompt_ids
 from spo_ray.sweep import sweep_run_dir
 
 log = logging.getLogger("spo_ray")
@@ -117,12 +118,16 @@ def initial_policy(cfg: Config, run: RunDir) -> str:
 
 # ---------------------------------------------------------------------------- stages
 def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_prompts: int, **loop_extra):
-    """A TorchTrainer whose DeepSpeed workers train π_{t-1} on the `pairs` dataset."""
+    """A TorchTrainer whose DeepSpeed workers train π_{t-1} on `pairs` (a dataset, or a
+    function Ray Train calls for a fresh stream whenever it (re)starts the workers)."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from spo_ray.learner.loop import train_loop_per_worker
 
+    # Ray Data hands rows to the learner in a fixed order (reproducible training), or as
+    # they finish (more overlap). Ray Train copies the driver's DataContext into the stream.
+    ray.data.DataContext.get_current().execution_options.preserve_order = cfg.run.deterministic
     placement = cfg.cluster.learner
     use_gpu = placement.gpus_per_worker > 0
     resources = {"CPU": placement.cpus_per_worker}
@@ -143,24 +148,29 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
         datasets={"pairs": pairs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"iter_{t}", storage_path=str(run.path / "ray_train"), failure_config=FailureConfig(max_failures=0)
+            name=f"iter_{t}", storage_path=str(run.path / "ray_train"), failure_config=FailureConfig(max_failures=cfg.learner.max_failures)
         ),
     )
 
 
 def stream_and_train(cfg: Config, run: RunDir, prompts: list[dict], policy_path: str, t: int) -> dict:
-    """Stages 1+2: the pair stream of iteration t feeding the DeepSpeed learner."""
-    from spo_ray.pipeline import build_pair_stream
+    """Stages 1+2: the pair stream of iteration t feeding the DeepSpeed learner. Resumable:
+    prompts already persisted in iter_t are not generated again, training continues from
+    the last step checkpoint (spo_ray/learner/resume.py)."""
+    from spo_ray.pipeline import remaining_pair_stream
 
-    pairs = build_pair_stream(cfg, prompts, policy_path, t)
+    pairs = partial(remaining_pair_stream, cfg, prompts, policy_path, t, str(run.iter_dir(t)))
     if cfg.cluster.colocate:
         # Rollout, judge and learner share GPUs: generate and judge everything first; the
         # stage actors exit when the stream is done and free their GPU memory for training.
-        pairs = pairs.materialize()
+        pairs = pairs().materialize()
     trainer = make_trainer(cfg, run, pairs, policy_path, t, len(prompts))
     result = trainer.fit()
     if result.error:
-        raise RuntimeError(f"iteration {t}: the learner failed: {result.error}") from result.error
+        raise RuntimeError(
+            f"iteration {t}: the learner failed (after up to learner.max_failures={cfg.learner.max_failures} restarts): "
+            f"{result.error}; the same command with the same run.dir resumes from {run.iter_dir(t) / 'checkpoints'}"
+        ) from result.error
     return run.read_json(f"iter_{t}/learner_summary.json")
 
 
@@ -254,8 +264,10 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
         batch = iteration_prompts(prompts.train, t, cfg.data.prompts_per_iteration)
         start = time.time()
         if not run.done(t, "train"):
-            run.reset_iteration(t)
-            print(f"[spo_ray] iteration {t}/{cfg.run.iterations}: streaming {len(batch)} prompts × K={cfg.rollout.num_samples} into the learner", flush=True)
+            run.prepare_train(t)
+            persisted = len(persisted_prompt_ids(run.iter_dir(t)))
+            resumed = f" ({persisted} persisted by an earlier attempt are kept)" if persisted else ""
+            print(f"[spo_ray] iteration {t}/{cfg.run.iterations}: streaming {len(batch) - persisted} prompts{resumed} × K={cfg.rollout.num_samples} into the learner", flush=True)
             stream_and_train(cfg, run, batch, policy, t)
             run.mark_done(t, "train")
             maybe_fail("driver_after_train")  # fault injection (spo_ray/faults.py)

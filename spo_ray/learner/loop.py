@@ -4,7 +4,10 @@ Each worker reads its shard of the pair stream (`get_dataset_shard("pairs")`) as
 rollout and judge stages produce it, persists every row it receives to Parquet, and
 trains. Rows without a pair (a `skip_reason`) still take their slot in a micro-batch
 with weight 0, so every worker runs the same number of micro-steps and DeepSpeed's
-collectives stay in lockstep; they are counted, never silently dropped.
+collectives stay in lockstep; they are counted, never silently dropped. Every
+`learner.checkpoint_every` steps the workers save a step checkpoint; a restarted worker
+group (or a restarted driver) resumes from it without training a row twice in an epoch
+(spo_ray/learner/resume.py).
 
 Loss normalization: each micro-batch contributes Σ_pairs loss / micro_batch_size, and
 DeepSpeed divides by the accumulation steps and averages over workers, so one optimizer
@@ -27,15 +30,20 @@ import pyarrow.parquet as pq
 import torch
 
 from spo_ray.config import Config
-from spo_ray.data.schema import PAIR_COLUMNS, TokenStats, collate_pairs, pair_table
+from spo_ray.data.schema import TokenStats, collate_pairs, pair_table
 from spo_ray.faults import maybe_fail
 from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule
+from spo_ray.learner.resume import FILLER, deal, epoch_order, filler_row, persisted_rows, restore, save_checkpoint
+from spo_ray.run_dir import write_json_atomic
 from spo_ray.sppo import preference_loss, sequence_logps
 
 
 @dataclass
 class LearnerSummary:
-    """What one worker saw in one iteration; rank 0 writes the sum across workers."""
+    """One iteration's counts. Rows, pairs and skips are counted from the persisted parts
+    (so a restart neither loses nor doubles them); `streamed_rows` / `replayed_rows` say
+    where the last attempt's first-epoch rows came from — the stream, or the persisted
+    parts of an earlier attempt (a resumed run generates only what was never persisted)."""
 
     rows: int = 0
     pairs: int = 0
@@ -43,14 +51,9 @@ class LearnerSummary:
     steps: int = 0
     prompts_truncated: int = 0
     responses_truncated: int = 0
-
-    def count(self, group: list[list[dict]]) -> None:
-        for row in (r for micro in group for r in micro):
-            self.rows += 1
-            if row["skip_reason"]:
-                self.skipped[row["skip_reason"]] = self.skipped.get(row["skip_reason"], 0) + 1
-            else:
-                self.pairs += 1
+    streamed_rows: int = 0
+    replayed_rows: int = 0
+    resumed_from_step: int = 0
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -72,52 +75,47 @@ def _micro_batches(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
 
 
 class _PairSink:
-    """Persists the rows a worker receives: pairs to `pairs/`, skipped prompts to `skipped/`."""
+    """Persists the rows a worker receives: pairs to `pairs/`, skipped prompts to `skipped/`
+    (with their position in the batch, so a replay restores the arrival order). Part names
+    sort by attempt, rank and batch."""
 
     def __init__(self, iter_dir: Path, rank: int) -> None:
         self.pairs_dir = iter_dir / "pairs"
         self.skipped_dir = iter_dir / "skipped"
         self.pairs_dir.mkdir(parents=True, exist_ok=True)
         self.skipped_dir.mkdir(parents=True, exist_ok=True)
-        self.rank = rank
-        self.parts: list[Path] = []
-        self.skipped: list[dict] = []
+        self.prefix = f"part-{time.time_ns():020d}-r{rank:03d}"
         self.batches = 0
 
     def write(self, rows: list[dict]) -> None:
-        n = self.batches
+        name = f"{self.prefix}-{self.batches:05d}.parquet"
         self.batches += 1
         pairs = [r for r in rows if not r["skip_reason"]]
-        skipped = [r for r in rows if r["skip_reason"]]
+        skipped = [(i, r) for i, r in enumerate(rows) if r["skip_reason"]]
         if pairs:
-            path = self.pairs_dir / f"part-r{self.rank}-{n:05d}.parquet"
-            write_parquet_atomic(pair_table(pairs), path)
-            self.parts.append(path)
+            write_parquet_atomic(pair_table(pairs), self.pairs_dir / name)
         if skipped:
-            self.skipped += [{"prompt": "", **r} for r in skipped]
             table = pa.Table.from_pylist(
-                [{"prompt_id": r["prompt_id"], "skip_reason": r["skip_reason"], "iteration": r["iteration"]} for r in skipped]
+                [{"prompt_id": r["prompt_id"], "skip_reason": r["skip_reason"], "iteration": r["iteration"], "position": i} for i, r in skipped]
             )
-            write_parquet_atomic(table, self.skipped_dir / f"part-r{self.rank}-{n:05d}.parquet")
-
-    def reread(self) -> Iterator[dict]:
-        """This worker's rows again, for epochs after the first: its persisted pairs, then
-        its skipped rows (weight 0), so every worker runs as many micro-steps as in epoch 1."""
-        for path in self.parts:
-            for row in pq.read_table(path).to_pylist():
-                yield {**row, "skip_reason": ""}
-        yield from self.skipped
+            write_parquet_atomic(table, self.skipped_dir / name)
 
 
-def _streamed_rows(shard, batch_size: int, sink: _PairSink) -> Iterator[dict]:
+def _streamed_rows(shard, batch_size: int, sink: _PairSink, persisted: set[str], summary: LearnerSummary) -> Iterator[dict]:
+    """The stream's rows, persisted as they arrive. A row whose prompt an earlier attempt
+    already persisted (the stream leaves those out; this is the safety net, e.g. for a
+    materialized stream) becomes a filler, so the ranks stay in lockstep."""
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=1):
-        rows = batch.to_pylist()
-        sink.write(rows)
+        rows = [r if r["prompt_id"] not in persisted else filler_row() for r in batch.to_pylist()]
+        fresh = [r for r in rows if r["skip_reason"] != FILLER]
+        if fresh:
+            sink.write(fresh)
+        summary.streamed_rows += len(fresh)
         yield from rows
 
 
 def _filler(rows: list[dict]) -> list[dict]:
-    """Skipped rows keep their slot with a stand-in pair (weight 0 in the loss)."""
+    """Skipped rows and fillers keep their slot with a stand-in pair (weight 0 in the loss)."""
     stand_in = {"chosen": "", "rejected": "", "chosen_probs_win": 0.5, "chosen_probs_lose": 0.5}
     return [r if not r["skip_reason"] else {**r, **stand_in} for r in rows]
 
@@ -129,8 +127,17 @@ def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=l.lr, weight_decay=l.weight_decay)
 
 
+def _all_gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
-    """Ray Train entry: one iteration's training of π_t into π_{t+1}."""
+    """Ray Train entry: one iteration's training of π_t into π_{t+1}, resumable
+    (spo_ray/learner/resume.py): it starts from the newest step checkpoint, if any."""
     import deepspeed
     import ray.train
 
@@ -139,6 +146,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg: Config = loop_config["cfg"]
     policy_path: str = loop_config["policy_path"]
     iter_dir = Path(loop_config["iter_dir"])
+    iteration: int = loop_config["iteration"]
     num_prompts: int = loop_config["num_prompts"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -170,15 +178,41 @@ def train_loop_per_worker(loop_config: dict) -> None:
         dist_init_required=False,
     )
 
+    # Resume: the newest step checkpoint and every row persisted so far (all ranks read the
+    # same files before any rank persists new ones).
+    position, checkpoint = restore(engine, iter_dir, rank)
+    persisted = persisted_rows(iter_dir)
+    persisted_ids = {r["prompt_id"] for r in persisted}
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0 and (checkpoint or persisted):
+        print(
+            f"[learner] iter {iteration}: resuming at step {position.step} (epoch {position.epoch + 1}) "
+            f"from {checkpoint.name if checkpoint else 'π_t'}; {len(persisted)} rows already persisted",
+            flush=True,
+        )
     sink = _PairSink(iter_dir, rank)
-    summary = LearnerSummary()
+    summary = LearnerSummary(steps=position.step, resumed_from_step=position.step)
     stats = TokenStats()
+    if rank == 0:  # the counts up to the checkpoint (summed over ranks at the end)
+        stats.prompts_truncated, stats.responses_truncated = position.prompts_truncated, position.responses_truncated
     metrics_path = iter_dir / "train_metrics.jsonl"
     started = time.time()
     shard = ray.train.get_dataset_shard("pairs")
 
-    def step_groups(epoch: int) -> Iterator[list[list[dict]]]:
-        rows = _streamed_rows(shard, l.micro_batch_size, sink) if epoch == 0 else sink.reread()
+    def epoch_rows(epoch: int, trained: set[str]) -> Iterator[dict]:
+        if epoch == 0:  # persisted rows not yet trained on, in arrival order, then the stream
+            replay = deal([r for r in persisted if r["prompt_id"] not in trained], rank, world)
+            summary.replayed_rows += sum(r["skip_reason"] != FILLER for r in replay)
+            yield from replay
+            yield from _streamed_rows(shard, l.micro_batch_size, sink, persisted_ids, summary)
+        else:  # every pair again, in an order fixed by the seed and the epoch
+            if world > 1:
+                torch.distributed.barrier()  # every rank's last parts of epoch 1 are on disk
+            rows = epoch_order(persisted_rows(iter_dir), cfg.run.seed, iteration, epoch)
+            yield from deal([r for r in rows if r["prompt_id"] not in trained], rank, world)
+
+    def step_groups(rows: Iterator[dict]) -> Iterator[list[list[dict]]]:
         group: list[list[dict]] = []
         for micro in _micro_batches(rows, l.micro_batch_size):
             group.append(micro)
@@ -189,10 +223,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             yield group
 
     simulate_step_s = loop_config.get("simulate_step_s")  # benchmarks/overlap.py --simulate
-    for epoch in range(l.epochs):
-        for group in step_groups(epoch):
-            if epoch == 0:
-                summary.count(group)
+    for epoch in range(position.epoch, l.epochs):
+        trained = set(position.consumed) if epoch == position.epoch else set()
+        if epoch != position.epoch:
+            position.consumed = []
+        for group in step_groups(epoch_rows(epoch, trained)):
+            ids = [r["prompt_id"] for micro in group for r in micro if r["skip_reason"] != FILLER]
             if simulate_step_s is not None:  # the cost model: only the work is replaced
                 summary.steps += 1
                 time.sleep(simulate_step_s)
@@ -205,7 +241,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             summary.steps += 1
             if world > 1:
                 torch.distributed.all_reduce(totals)
-            record = _step_record(totals, engine, scheduler, loop_config["iteration"], epoch, summary.steps, started)
+            step_ids = [i for rank_ids in _all_gather(ids, world) for i in rank_ids]
+            position.step, position.epoch = summary.steps, epoch
+            position.consumed += step_ids
+            record = _step_record(totals, engine, scheduler, iteration, epoch, summary.steps, started)
+            record["prompt_ids"] = step_ids  # what this step trained on (no repeats within an epoch)
             if rank == 0:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -218,12 +258,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         f"lr {record['lr']:.2e} ETA {eta:.0f}s",
                         flush=True,
                     )
+            if l.checkpoint_every and summary.steps % l.checkpoint_every == 0:
+                counts = _all_gather((stats.prompts_truncated, stats.responses_truncated), world)
+                position.prompts_truncated, position.responses_truncated = (sum(c[i] for c in counts) for i in (0, 1))
+                save_checkpoint(engine, iter_dir, position, rank, world)
             maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
 
     summary.prompts_truncated = stats.prompts_truncated
     summary.responses_truncated = stats.responses_truncated
     _finish(engine, tokenizer, cfg, iter_dir, summary, rank, world, loop_config["out_dir"])
-    ray.train.report({"steps": summary.steps, "pairs": summary.pairs})
+    ray.train.report({"steps": summary.steps, "streamed_rows": summary.streamed_rows})
 
 
 def _accumulate_gradients(engine, reference, tokenizer, group: list[list[dict]], l, device, stats: TokenStats) -> torch.Tensor:
@@ -277,27 +321,25 @@ def _step_record(totals: torch.Tensor, engine, scheduler, iteration: int, epoch:
 
 
 def _finish(engine, tokenizer, cfg: Config, iter_dir: Path, summary: LearnerSummary, rank: int, world: int, out_dir: str) -> None:
-    """Sum the counts over workers and save π_{t+1} (rank 0) as an HF folder."""
+    """Sum the counts over workers, count the persisted rows, save π_{t+1} (rank 0) as an HF folder."""
     from spo_ray.modeling import save_policy, torch_dtype
 
-    summaries = [None] * world
-    if world > 1:
-        torch.distributed.all_gather_object(summaries, asdict(summary))
-    else:
-        summaries = [asdict(summary)]
+    summaries = _all_gather(asdict(summary), world)
     state_dict = engine._zero3_consolidated_16bit_state_dict() if cfg.learner.zero_stage == 3 else None
     if rank != 0:
         return
-    total = LearnerSummary()
-    for s in summaries:
-        for key in ("rows", "pairs", "prompts_truncated", "responses_truncated"):
-            setattr(total, key, getattr(total, key) + s[key])
-        for reason, count in s["skipped"].items():
-            total.skipped[reason] = total.skipped.get(reason, 0) + count
-    total.steps = summary.steps
+    total = LearnerSummary(steps=summary.steps, resumed_from_step=summary.resumed_from_step)
+    for key in ("prompts_truncated", "responses_truncated", "streamed_rows", "replayed_rows"):
+        setattr(total, key, sum(s[key] for s in summaries))
+    for row in persisted_rows(iter_dir):
+        total.rows += 1
+        if row["skip_reason"]:
+            total.skipped[row["skip_reason"]] = total.skipped.get(row["skip_reason"], 0) + 1
+        else:
+            total.pairs += 1
     if state_dict is None:
         state_dict = engine.module.state_dict()
     dtype = torch_dtype(cfg.model.dtype)
     engine.module.config.use_cache = True
     save_policy(engine.module, tokenizer, out_dir, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
-    (iter_dir / "learner_summary.json").write_text(json.dumps(asdict(total), indent=2))
+    write_json_atomic(iter_dir / "learner_summary.json", asdict(total))

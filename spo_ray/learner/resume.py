@@ -1,0 +1,160 @@
+"""How the learner picks up an unfinished iteration: step checkpoints and the data position.
+
+A learner can stop anywhere: a worker dies (Ray Train restarts the worker group, up to
+`learner.max_failures` times) or the driver dies (the same command with the same `run.dir`
+starts a new TorchTrainer). Both restart the same way, from what the run dir holds:
+
+    iter_<t>/pairs/part-*.parquet     every streamed row, persisted as it arrived (pairs ...
+    iter_<t>/skipped/part-*.parquet   ... and prompts without a pair, with their position)
+    iter_<t>/checkpoints/step_<n>/    the newest step checkpoint: DeepSpeed's engine state
+                                      (weights, optimizer, LR schedule; ZeRO shards per rank)
+                                      and position.json: epoch, step, the prompt_ids trained
+                                      so far in that epoch, the token statistics
+
+On restart the engine loads the checkpoint (π_{t-1} and step 0 when there is none), then
+the epoch of the checkpoint continues with the rows not yet trained in it:
+
+- epoch 1 (streamed): first the persisted rows the checkpoint had not trained on, in the
+  order they arrived, then the stream — which Ray Train builds again and which leaves out
+  every prompt already persisted (`spo_ray.pipeline.remaining_pair_stream`), so nothing
+  is generated twice;
+- later epochs: all persisted pairs in an order fixed by (seed, iteration, epoch,
+  prompt_id) — not by which worker received which row — minus the ones trained in it.
+
+Rows are dealt to the ranks round-robin, padded with weight-0 fillers, so every worker
+runs the same number of micro-steps and DeepSpeed's collectives stay in lockstep.
+
+A checkpoint is written into `checkpoints/.tmp-step_<n>` by all ranks and renamed to
+`step_<n>` once complete (then older ones are deleted): a crash mid-write leaves only a
+`.tmp-` folder, which no restart reads. Step records after the checkpoint are dropped from
+train_metrics.jsonl, since their steps run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import pyarrow.parquet as pq
+
+from spo_ray.run_dir import write_json_atomic
+
+FILLER = "filler"  # skip_reason of a padding row: weight 0, never counted or recorded
+_STEP_DIR = re.compile(r"step_(\d+)$")
+
+
+@dataclass
+class Position:
+    """Where training stands after `step` optimizer steps (what a checkpoint records)."""
+
+    step: int = 0
+    epoch: int = 0  # 0-based epoch of the last step taken
+    consumed: list[str] = field(default_factory=list)  # prompt_ids trained in `epoch` so far
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(iter_dir: Path) -> Path | None:
+    """The newest finished step checkpoint (renamed into place, position.json inside)."""
+    found = [
+        (int(m.group(1)), p)
+        for p in (iter_dir / "checkpoints").glob("step_*")
+        if (m := _STEP_DIR.match(p.name)) and (p / "position.json").exists()
+    ]
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(engine, iter_dir: Path, position: Position, rank: int, world: int) -> Path:
+    """All ranks: DeepSpeed's collective save into a temporary folder, then rank 0 renames it."""
+    import torch.distributed as dist
+
+    final = iter_dir / "checkpoints" / f"step_{position.step:06d}"
+    tmp = final.with_name(f".tmp-{final.name}")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
+        tmp.mkdir(parents=True)
+    _barrier(world, dist)
+    engine.save_checkpoint(str(tmp), tag="engine", save_latest=False)
+    if rank == 0:
+        write_json_atomic(tmp / "position.json", asdict(position))
+    _barrier(world, dist)  # every rank's shards are on disk
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the checkpoint is finished from here on
+        for older in (iter_dir / "checkpoints").glob("step_*"):
+            if older != final and _STEP_DIR.match(older.name):
+                shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def restore(engine, iter_dir: Path, rank: int) -> tuple[Position, Path | None]:
+    """Load the newest checkpoint into the engine (all ranks); rank 0 drops the step records
+    that came after it. Returns the position (step 0 when there is no checkpoint)."""
+    checkpoint = latest_checkpoint(iter_dir)
+    position = Position()
+    if checkpoint is not None:
+        path, _ = engine.load_checkpoint(str(checkpoint), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"learner: DeepSpeed could not load the step checkpoint {checkpoint}; delete it to restart the iteration's training")
+        position = Position(**json.loads((checkpoint / "position.json").read_text()))
+    if rank == 0:
+        truncate_step_records(iter_dir / "train_metrics.jsonl", position.step)
+    return position, checkpoint
+
+
+def truncate_step_records(path: Path, step: int) -> None:
+    """Keep the records of steps 1..step (the later ones run again after a restart)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _barrier(world: int, dist) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------- data position
+def persisted_rows(iter_dir: Path) -> list[dict]:
+    """Every persisted row of the iteration in arrival order: parts sorted by name (attempt,
+    rank, batch), skipped prompts put back at their position within their batch."""
+    parts = sorted({p.name for sub in ("pairs", "skipped") for p in (iter_dir / sub).glob("part-*.parquet")})
+    rows: list[dict] = []
+    for name in parts:
+        pair_file, skip_file = iter_dir / "pairs" / name, iter_dir / "skipped" / name
+        batch = [{**r, "skip_reason": ""} for r in pq.read_table(pair_file).to_pylist()] if pair_file.exists() else []
+        skipped = pq.read_table(skip_file).to_pylist() if skip_file.exists() else []
+        for s in sorted(skipped, key=lambda s: s["position"]):
+            batch.insert(s["position"], {"prompt": "", **{k: v for k, v in s.items() if k != "position"}})
+        rows += batch
+    return rows
+
+
+def epoch_order(rows: Iterable[dict], seed: int, iteration: int, epoch: int) -> list[dict]:
+    """The pairs of a later epoch in an order fixed by (seed, iteration, epoch, prompt_id):
+    a fresh shuffle each epoch that does not depend on which worker received which row."""
+
+    def key(row: dict) -> str:
+        return hashlib.sha256(f"{seed}/{iteration}/{epoch}/{row['prompt_id']}".encode()).hexdigest()
+
+    return sorted((r for r in rows if not r["skip_reason"]), key=key)
+
+
+def deal(rows: list[dict], rank: int, world: int) -> list[dict]:
+    """Rank `rank`'s share, round-robin, padded with fillers so all ranks get as many rows."""
+    padded = rows + [filler_row()] * (-len(rows) % world)
+    return padded[rank::world]
+
+
+def filler_row() -> dict:
+    return {"prompt_id": "", "prompt": "", "skip_reason": FILLER, "iteration": 0}
