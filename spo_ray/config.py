@@ -330,8 +330,17 @@ class ClusterConfig:
 
 @dataclass
 class TimeoutConfig:
+    """How long each remote wait may take (spo_ray/timeouts.py applies them)."""
+
     stream_no_progress_s: float = MISSING
     eval_s: float = MISSING
+    actor_start_s: float = MISSING
+    trainer_start_s: float = MISSING
+    weight_reload_s: float = MISSING
+
+    def __post_init__(self) -> None:
+        for name in ("stream_no_progress_s", "eval_s", "actor_start_s", "trainer_start_s", "weight_reload_s"):
+            _positive(f"run.timeouts.{name}", getattr(self, name))
 
 
 @dataclass

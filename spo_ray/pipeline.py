@@ -27,6 +27,7 @@ from spo_ray.judge import attach_references, build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.hf import format_prompt
 from spo_ray.sppo import select_pair
+from spo_ray.timeouts import apply_stream_timeouts
 
 ROLLOUT_SCHEMA = pa.schema(
     [
@@ -38,6 +39,13 @@ ROLLOUT_SCHEMA = pa.schema(
     ]
 )
 STREAM_SCHEMA = PAIR_SCHEMA.append(pa.field("skip_reason", pa.string()))
+# A pool actor that dies (node lost, OOM, crash) is restarted and the batch it was working
+# on is retried on it, so a lost actor loses no prompt and repeats none (each batch's
+# output is only taken once). These are Ray Data 2.60's own defaults for actor pools
+# (ActorPoolMapOperator._apply_default_remote_args), stated here so that a Ray upgrade
+# cannot silently drop them. Unlimited: a batch that kills every actor it reaches stops
+# the run through run.timeouts.stream_no_progress_s instead.
+STAGE_FAULT_TOLERANCE = dict(max_restarts=-1, max_task_retries=-1)
 
 
 def batch_seed(seed: int, iteration: int, prompt_ids: Sequence[str]) -> int:
@@ -186,8 +194,6 @@ def rollout_stream(
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "reference": p.get("reference")} for p in prompts]
     # One block per rollout batch, so the first batches flow on while later ones are generated.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.rollout.batch_size)))
-    # Ray Data restarts a pool actor that dies and retries its batch (max_restarts and
-    # max_task_retries default to -1 for actor pools): a lost actor loses no prompt.
     return ds.map_batches(
         RolloutStage,
         fn_constructor_kwargs=dict(cfg=cfg, policy_path=policy_path, iteration=iteration, engine_factory=engine_factory),
@@ -196,6 +202,7 @@ def rollout_stream(
         compute=ray.data.ActorPoolStrategy(size=c.num_actors),
         num_cpus=c.num_cpus,
         num_gpus=c.num_gpus,
+        **STAGE_FAULT_TOLERANCE,
     )
 
 
@@ -218,12 +225,14 @@ def judge_stream(
         compute=ray.data.ActorPoolStrategy(size=c.num_actors),
         num_cpus=c.num_cpus,
         num_gpus=c.num_gpus,
+        **STAGE_FAULT_TOLERANCE,
     )
 
 
 def build_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int) -> ray.data.Dataset:
     """The lazy Ray Data stream of one iteration's pair rows (nothing runs until consumed)."""
-    return judge_stream(cfg, rollout_stream(cfg, prompts, policy_path, iteration), policy_path, iteration)
+    pairs = judge_stream(cfg, rollout_stream(cfg, prompts, policy_path, iteration), policy_path, iteration)
+    return apply_stream_timeouts(pairs, cfg)
 
 
 def remaining_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int, iter_dir: str) -> ray.data.Dataset:

@@ -96,9 +96,7 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
     if rows:
         _plot(rows, run.path / "win_rate.png")
         lines += ["", "![win rate per iteration](win_rate.png)"]
-        truncation = [f"t={r['iteration']}: prompts {r['prompts_truncated']}, responses {r['responses_truncated']}" for r in rows]
-        lines += ["", "Truncated to the learner's limits (prompt: last tokens kept; response: first tokens kept): "
-                  + "; ".join(truncation) + "."]
+        lines += data_handling(rows)
     steps = step_rows(run)
     if steps:
         _plot_steps(steps, run.path / "logratios.png")
@@ -133,6 +131,36 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
     out = run.path / "report.md"
     out.write_text("\n".join(lines) + "\n")
     return out
+
+
+# What happens to a prompt or pair that cannot be used as it is (README: "Bad data").
+DATA_RULES = {
+    "judge_nan": "the judge gave a NaN/inf score: prompt skipped",
+    "all_tied": "all K responses scored equal: prompt skipped (no preference)",
+    "too_few_responses": "fewer than 2 responses: prompt skipped",
+    "tokenize_error": "the policy's tokenizer failed on the pair: pair skipped (weight 0; kept in pairs/ for audit)",
+}
+
+
+def data_handling(rows: list[dict]) -> list[str]:
+    """The report's bad-data section: per iteration, what was skipped (by reason) and truncated."""
+    reasons = sorted({k for r in rows for k in r["skipped"]} | {"judge_nan", "tokenize_error"})
+    lines = [
+        "",
+        "## Data handling",
+        "",
+        "Nothing is dropped silently: prompts without a usable pair are counted by reason; prompts longer than "
+        "learner.max_prompt_length keep their last tokens, responses longer than what is left of learner.max_length "
+        "keep their first tokens.",
+        "",
+        "| t | pairs trained | " + " | ".join(f"skipped: {k}" for k in reasons) + " | prompts truncated | responses truncated |",
+        "|---" * (len(reasons) + 4) + "|",
+    ]
+    for r in rows:
+        skipped = " | ".join(str(r["skipped"].get(k, 0)) for k in reasons)
+        lines.append(f"| {r['iteration']} | {r['pairs']} | {skipped} | {r['prompts_truncated']} | {r['responses_truncated']} |")
+    lines += ["", *(f"- `{k}`: {DATA_RULES.get(k, 'skipped')}" for k in reasons)]
+    return lines
 
 
 def _cell(text: str) -> str:

@@ -538,7 +538,12 @@ def _wait_applied(cfg: ServeConfig, user_config: dict) -> dict:
                         return info
                     last = f"{last}; replica still on {info['applied']}"
         time.sleep(0.5)
-    raise ServeError(f"the Serve app {cfg.name!r} did not load {user_config['checkpoint']!r} within serve.reconfigure_timeout_s={cfg.reconfigure_timeout_s}s (last state: {last})")
+    raise ServeError(
+        f"the Serve app {cfg.name!r} (deployment replica) did not load {user_config['checkpoint']!r} within "
+        f"serve.reconfigure_timeout_s={cfg.reconfigure_timeout_s}s (last state: {last}); check `serve status` and the "
+        "replica's log, or raise serve.reconfigure_timeout_s; a training run that stopped here resumes with the "
+        "same command and run.dir (the checkpoint is kept)"
+    )
 
 
 def serve_policy(cfg: ServeConfig, policy_path: str, iteration: Optional[int]) -> dict:

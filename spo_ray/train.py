@@ -29,6 +29,7 @@ from spo_ray.data.prompts import iteration_prompts, load_prompts, split_prompts
 from spo_ray.report import write_report
 from spo_ray.run_dir import RunDir, persisted_prompt_ids
 from spo_ray.sweep import sweep_run_dir
+from spo_ray.timeouts import explain_timeout, trainer_start_env
 
 log = logging.getLogger("spo_ray")
 register_configs()
@@ -133,6 +134,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
     resources = {"CPU": placement.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = placement.gpus_per_worker
+    trainer_start_env(cfg)  # run.timeouts.trainer_start_s
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=dict(
@@ -148,7 +150,11 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
         datasets={"pairs": pairs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"iter_{t}", storage_path=str(run.path / "ray_train"), failure_config=FailureConfig(max_failures=cfg.learner.max_failures)
+            name=f"iter_{t}",
+            storage_path=str(run.path / "ray_train"),
+            # controller_failure_limit=0: workers that cannot be placed fail the iteration after
+            # run.timeouts.trainer_start_s instead of being retried forever (Ray Train's default).
+            failure_config=FailureConfig(max_failures=cfg.learner.max_failures, controller_failure_limit=0),
         ),
     )
 
@@ -160,14 +166,18 @@ def stream_and_train(cfg: Config, run: RunDir, prompts: list[dict], policy_path:
     from spo_ray.pipeline import remaining_pair_stream
 
     pairs = partial(remaining_pair_stream, cfg, prompts, policy_path, t, str(run.iter_dir(t)))
-    if cfg.cluster.colocate:
-        # Rollout, judge and learner share GPUs: generate and judge everything first; the
-        # stage actors exit when the stream is done and free their GPU memory for training.
-        pairs = pairs().materialize()
-    trainer = make_trainer(cfg, run, pairs, policy_path, t, len(prompts))
-    result = trainer.fit()
+    try:
+        if cfg.cluster.colocate:
+            # Rollout, judge and learner share GPUs: generate and judge everything first; the
+            # stage actors exit when the stream is done and free their GPU memory for training.
+            pairs = pairs().materialize()
+        result = make_trainer(cfg, run, pairs, policy_path, t, len(prompts)).fit()
+    except Exception as err:
+        if (timeout := explain_timeout(err, cfg, t)) is None:
+            raise
+        raise timeout from err
     if result.error:
-        raise RuntimeError(
+        raise explain_timeout(result.error, cfg, t) or RuntimeError(
             f"iteration {t}: the learner failed (after up to learner.max_failures={cfg.learner.max_failures} restarts): "
             f"{result.error}; the same command with the same run.dir resumes from {run.iter_dir(t) / 'checkpoints'}"
         ) from result.error

@@ -44,6 +44,17 @@ def test_long_prompt_keeps_its_end_and_long_response_its_start_and_both_are_coun
     assert stats.prompts_truncated == 1 and stats.responses_truncated == 1
 
 
+def test_a_row_that_fails_to_tokenize_becomes_a_counted_weight_0_stand_in():
+    tok = build_char_tokenizer()
+    stats = TokenStats()
+    rows = [_row(), _row(chosen=None), {**_row(rejected=None), "skip_reason": "judge_nan"}, _row(prompt="y" * 100)]
+    batch = collate_pairs(rows, tok, max_length=64, max_prompt_length=20, stats=stats)
+    assert batch["valid"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert batch["input_ids"].shape[0] == 8 and batch["loss_mask"][1].sum() == 1  # a one-token stand-in
+    # counted once, and only for a row that was a pair (the judge_nan row is already a counted skip)
+    assert stats.reasons == {"tokenize_error": 1} and stats.prompts_truncated == 1
+
+
 def test_pair_table_has_the_schema_and_drops_stream_columns():
     row = {c: None for c in PAIR_COLUMNS} | {"prompt_id": "p", "prompt": "q", "responses": ["a", "b"], "scores": [1.0, 0.0],
                                             "win_rates": [0.6, 0.4], "chosen": "a", "rejected": "b", "chosen_probs": 0.7,

@@ -173,6 +173,7 @@ def test_from_config_builds_llm_from_conf(fake_vllm, tokenizer_dir, colocate):
         worker_extension_cls=EXTENSION,
     )
     assert engine.max_prompt_tokens == cfg.learner.max_prompt_length
+    assert engine.reload_timeout_s == cfg.run.timeouts.weight_reload_s
 
 
 def test_max_model_len_none_is_left_to_vllm(fake_vllm, tokenizer_dir):

@@ -42,7 +42,8 @@ STREAM_COLUMNS = PAIR_COLUMNS + ("skip_reason",)
 
 @dataclass
 class TokenStats:
-    """What tokenization had to change, for the report."""
+    """What tokenization had to change, for the report: truncations, and `reasons` — pairs
+    that could not be tokenized at all (`tokenize_error`), trained on with weight 0."""
 
     prompts_truncated: int = 0
     responses_truncated: int = 0
@@ -63,6 +64,24 @@ def _encode_pair_side(
     return ids, mask
 
 
+def _encode_row(
+    row: dict, tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int, stats: TokenStats
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(chosen ids, chosen mask, rejected ids, rejected mask); counts truncations into
+    `stats` only once the whole row has tokenized, so a failed row counts once, as its reason."""
+    row_stats = TokenStats()
+    prompt_ids = tokenizer(format_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
+    if len(prompt_ids) > max_prompt_length:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+        row_stats.prompts_truncated += 1
+    chosen = _encode_pair_side(prompt_ids, row["chosen"], tokenizer, max_length, row_stats)
+    rejected = _encode_pair_side(prompt_ids, row["rejected"], tokenizer, max_length, row_stats)
+    if not row.get("skip_reason"):  # a skipped prompt's stand-in row is not trained on: not counted
+        stats.prompts_truncated += row_stats.prompts_truncated
+        stats.responses_truncated += row_stats.responses_truncated
+    return (*chosen, *rejected)
+
+
 def collate_pairs(
     rows: Sequence[dict],
     tokenizer: PreTrainedTokenizerBase,
@@ -76,18 +95,26 @@ def collate_pairs(
     policy's chat-templated prompt (its last `max_prompt_length` tokens) followed by the
     response and EOS, cut to `max_length`. `loss_mask` is 1 on response tokens incl. EOS,
     aligned with `input_ids` (as `spo_ray.sppo.sequence_logps` expects).
+
+    A row the tokenizer fails on (e.g. a character outside a vocabulary without an unknown
+    token, or text that is not a string) does not stop the run: it becomes a one-token
+    stand-in with `valid` 0 — the learner gives it weight 0 — and, unless the row was
+    already a counted skip, is counted as `stats.reasons["tokenize_error"]`.
     """
     stats = stats if stats is not None else TokenStats()
-    seqs, masks = [], []
-    for side in ("chosen", "rejected"):
-        for row in rows:
-            prompt_ids = tokenizer(format_prompt(tokenizer, row["prompt"]), add_special_tokens=False)["input_ids"]
-            if len(prompt_ids) > max_prompt_length:
-                prompt_ids = prompt_ids[-max_prompt_length:]
-                stats.prompts_truncated += side == "chosen"
-            ids, mask = _encode_pair_side(prompt_ids, row[side], tokenizer, max_length, stats)
-            seqs.append(ids)
-            masks.append(mask)
+    encoded, valid = [], []
+    for row in rows:
+        try:
+            encoded.append(_encode_row(row, tokenizer, max_length, max_prompt_length, stats))
+            valid.append(1.0)
+        except Exception:  # noqa: BLE001 - any tokenizer failure: this pair is skipped, counted
+            stand_in = [tokenizer.eos_token_id]
+            encoded.append((stand_in, [1], stand_in, [1]))
+            valid.append(0.0)
+            if not row.get("skip_reason"):
+                stats.reasons["tokenize_error"] = stats.reasons.get("tokenize_error", 0) + 1
+    seqs = [e[0] for e in encoded] + [e[2] for e in encoded]
+    masks = [e[1] for e in encoded] + [e[3] for e in encoded]
     width = max(len(s) for s in seqs)
     pad = tokenizer.pad_token_id
     input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -103,6 +130,7 @@ def collate_pairs(
         "loss_mask": loss_mask,
         "chosen_probs_win": torch.tensor([float(r["chosen_probs_win"]) for r in rows], dtype=torch.float32),
         "chosen_probs_lose": torch.tensor([float(r["chosen_probs_lose"]) for r in rows], dtype=torch.float32),
+        "valid": torch.tensor(valid, dtype=torch.float32),
     }
 
 

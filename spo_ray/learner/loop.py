@@ -236,7 +236,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps({"step": summary.steps, "elapsed_s": round(time.time() - started, 2)}) + "\n")
                 continue
-            totals = _accumulate_gradients(engine, reference, tokenizer, group, l, device, stats)
+            # Count truncations and untokenizable pairs once, in the streamed epoch.
+            totals = _accumulate_gradients(engine, reference, tokenizer, group, l, device, stats if epoch == 0 else TokenStats())
             engine.step()
             summary.steps += 1
             if world > 1:
@@ -266,6 +267,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     summary.prompts_truncated = stats.prompts_truncated
     summary.responses_truncated = stats.responses_truncated
+    summary.skipped = dict(stats.reasons)  # pairs the tokenizer failed on (weight 0); see _finish
     _finish(engine, tokenizer, cfg, iter_dir, summary, rank, world, loop_config["out_dir"])
     ray.train.report({"steps": summary.steps, "streamed_rows": summary.streamed_rows})
 
@@ -280,6 +282,7 @@ def _accumulate_gradients(engine, reference, tokenizer, group: list[list[dict]],
         weight = torch.tensor([0.0 if r["skip_reason"] else 1.0 for r in micro], device=device)
         batch = collate_pairs(_filler(micro), tokenizer, l.max_length, l.max_prompt_length, stats)
         batch = {k: v.to(device) for k, v in batch.items()}
+        weight = weight * batch["valid"]  # a pair that failed to tokenize: weight 0
         engine.set_gradient_accumulation_boundary(i == len(group) - 1)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
@@ -337,6 +340,10 @@ def _finish(engine, tokenizer, cfg: Config, iter_dir: Path, summary: LearnerSumm
             total.skipped[row["skip_reason"]] = total.skipped.get(row["skip_reason"], 0) + 1
         else:
             total.pairs += 1
+    for s in summaries:  # persisted as pairs, but the tokenizer failed on them: trained with weight 0
+        for reason, n in s["skipped"].items():
+            total.skipped[reason] = total.skipped.get(reason, 0) + n
+            total.pairs -= n
     if state_dict is None:
         state_dict = engine.module.state_dict()
     dtype = torch_dtype(cfg.model.dtype)

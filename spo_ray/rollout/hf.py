@@ -52,6 +52,9 @@ class HFEngine:
         self.model = load_policy(path, self.dtype, self.device, self.trust_remote_code).eval()
         self.tokenizer = load_tokenizer(path, self.trust_remote_code)
         self.tokenizer.padding_side = "left"
+        # A prompt over max_prompt_tokens keeps its last tokens (the assistant turn's start),
+        # as the learner's collate_pairs does, so both see the same prompt.
+        self.tokenizer.truncation_side = "left"
         self.path = path
 
     @torch.inference_mode()

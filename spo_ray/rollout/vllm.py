@@ -167,6 +167,7 @@ class VLLMEngine:
             max_prompt_tokens=cfg.learner.max_prompt_length,
             # Colocated: the learner trains on these GPUs while the engine sleeps.
             enable_sleep_mode=cfg.cluster.colocate,
+            reload_timeout_s=cfg.run.timeouts.weight_reload_s,
         )
 
     # ------------------------------------------------------------------------- sampling
@@ -177,7 +178,7 @@ class VLLMEngine:
             raise RuntimeError("the vLLM engine is asleep: call wake_up() before generate()")
         texts = [format_prompt(self.tokenizer, p) for p in prompts]
         # The same encoding as HFEngine: the template already holds any BOS, and prompts are
-        # cut at learner.max_prompt_length tokens.
+        # cut to their last learner.max_prompt_length tokens.
         ids = self.tokenizer(
             texts,
             add_special_tokens=False,
@@ -229,9 +230,11 @@ class VLLMEngine:
                 self.llm = _within(left, "vLLM engine rebuild", lambda: self._build(path))
             except TimeoutError as timeout:
                 raise TimeoutError(
-                    f"reloading the policy {path} took more than {self.reload_timeout_s:g}s (in place, then a "
-                    f"rebuild): {timeout}. Check that the folder is readable from this node and that the GPU "
-                    "is free (`nvidia-smi`), or give the engine more time (reload_timeout_s)"
+                    f"rollout engine (VLLMEngine): reloading the policy {path} took more than "
+                    f"{self.reload_timeout_s:g}s (in place, then a rebuild): {timeout}. Check that the folder is "
+                    "readable from this node and that the GPU is free (`nvidia-smi`), or give the engine more "
+                    "time (run.timeouts.weight_reload_s); the checkpoint is kept, so the same command with the "
+                    "same run.dir resumes from it"
                 ) from err
             self.asleep = False
         self.tokenizer = self._tokenizer(path)
@@ -285,7 +288,9 @@ class VLLMEngine:
     def _tokenizer(self, path: str):
         from spo_ray.modeling import load_tokenizer
 
-        return load_tokenizer(path, self.trust_remote_code)
+        tokenizer = load_tokenizer(path, self.trust_remote_code)
+        tokenizer.truncation_side = "left"  # an over-long prompt keeps its end, as in HFEngine and the learner
+        return tokenizer
 
     def _shutdown(self) -> None:
         """Stop the engine's processes and free its GPU memory before a rebuild."""

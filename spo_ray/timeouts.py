@@ -1,0 +1,99 @@
+"""Every remote wait of a run has a timeout from `run.timeouts` (conf/config.yaml); here
+they are handed to Ray, and a timeout is turned into an error that names the stage, the
+actor and what to check, and says that the same command with the same `run.dir` resumes.
+
+    run.timeouts.stream_no_progress_s   Ray Data: no row moved          (train.connect_ray)
+    run.timeouts.actor_start_s          rollout/judge pool actors up    (DataContext.wait_for_min_actors_s)
+    run.timeouts.trainer_start_s        Ray Train workers placed        (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
+    run.timeouts.weight_reload_s        a vLLM engine's in-place reload (VLLMEngine.reload_timeout_s)
+    run.timeouts.eval_s                 the evaluation task             (train.evaluate)
+    serve.reconfigure_timeout_s         Serve loading π_t               (serve.serve_policy)
+
+The knobs are Ray 2.60's; tests/test_timeouts.py runs each start timeout against a real
+local Ray, so a Ray upgrade that renames one fails there rather than hanging a run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from spo_ray.config import Config
+
+# Ray Train V2 reads this in its controller (it forwards the driver's value); its default is 60 s.
+TRAINER_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# The texts Ray 2.60 raises on these timeouts (ActorPoolMapOperator.start,
+# WorkerGroupStartupTimeoutError); they reach the driver inside other errors' text.
+_ACTOR_START_TEXT = "Timed out while starting actors"
+_TRAINER_START_TEXT = "worker group startup timed out"
+_RESUME = "then start the same command with the same run.dir: the run resumes after its last finished stage"
+
+
+def apply_stream_timeouts(ds: ray.data.Dataset, cfg: Config) -> ray.data.Dataset:
+    """The stream's pool actors must be up (constructor done) within run.timeouts.actor_start_s.
+
+    Without it (Ray Data's default, -1) a pool whose actors can never be placed — a GPU
+    that is not there, a node that is gone — waits until the no-progress timeout, or forever.
+    """
+    ds.context.wait_for_min_actors_s = cfg.run.timeouts.actor_start_s
+    return ds
+
+
+def trainer_start_env(cfg: Config) -> None:
+    """Ray Train's worker-group start timeout for this driver's trainers (a process-wide
+    environment variable is the only knob Ray Train V2 has for it)."""
+    os.environ[TRAINER_START_ENV] = f"{cfg.run.timeouts.trainer_start_s:g}"
+
+
+def _pool_shortfall(name: str, num_cpus: float, num_gpus: float) -> str | None:
+    """Why no actor of a pool asking for these resources could ever be placed (None: it could)."""
+    total = ray.cluster_resources()
+    for resource, asked in (("CPU", num_cpus), ("GPU", num_gpus)):
+        if asked > total.get(resource, 0):
+            return f"each {name} actor asks for {asked:g} {resource} but the whole cluster has {total.get(resource, 0):g}"
+    return None
+
+
+def explain_timeout(err: BaseException, cfg: Config, iteration: int) -> TimeoutError | None:
+    """A TimeoutError naming what did not start in time, when `err` is one of Ray's start
+    timeouts (it may be nested in a Ray Train or Ray Data error); None for any other error."""
+    text = f"{err!r} {err}"
+    cause = err.__cause__
+    while cause is not None:
+        text += f" {cause}"
+        cause = cause.__cause__
+    c, t = cfg.cluster, cfg.run.timeouts
+    if _ACTOR_START_TEXT in text:
+        pools = {
+            "rollout": ("RolloutStage", c.rollout, f"the policy ({cfg.rollout.engine} engine)"),
+            "judge": ("JudgeStage", c.judge, f"the {cfg.judge.name} judge"),
+        }
+        named = {k: why for k, (actor, p, _) in pools.items() if (why := _pool_shortfall(actor, p.num_cpus, p.num_gpus))}
+        suspects = {k: v for k, v in pools.items() if k in named} or pools
+        which = " or ".join(f"the {k} pool ({actor} × {p.num_actors}, {p.num_cpus:g} CPU + {p.num_gpus:g} GPU each)" for k, (actor, p, _) in suspects.items())
+        why = "; ".join(named.values()) or (
+            "the actors were not placed (resources taken) or their constructor, which loads "
+            + " / ".join(load for _, _, load in suspects.values())
+            + ", did not finish"
+        )
+        return TimeoutError(
+            f"iteration {iteration}: {which} did not start within run.timeouts.actor_start_s={t.actor_start_s:g}s: "
+            f"{why}. Check `ray status` (pending actors, missing resources) and the actor's log in the Ray "
+            f"dashboard; lower cluster.<pool>.num_gpus/num_cpus or raise run.timeouts.actor_start_s; {_RESUME}"
+        )
+    if _TRAINER_START_TEXT in text:
+        l = c.learner
+        return TimeoutError(
+            f"iteration {iteration}: the learner's Ray Train workers (RayTrainWorker × {l.num_workers}, "
+            f"{l.cpus_per_worker:g} CPU + {l.gpus_per_worker:g} GPU each) were not placed within "
+            f"run.timeouts.trainer_start_s={t.trainer_start_s:g}s. Check `ray status` for free resources "
+            f"(the cluster has {_resources()}; the stream's pools hold some while they run), lower "
+            f"cluster.learner.* or raise run.timeouts.trainer_start_s; {_RESUME}"
+        )
+    return None
+
+
+def _resources() -> str:
+    total = ray.cluster_resources()
+    return ", ".join(f"{total.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
