@@ -38,6 +38,7 @@ def _plot_steps(steps: list[dict], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     x = list(range(1, len(steps) + 1))
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
@@ -48,6 +49,7 @@ def _plot_steps(steps: list[dict], out: Path) -> None:
         if steps[n]["iteration"] != steps[n - 1]["iteration"]:
             ax.axvline(n + 0.5, color="grey", linestyle=":", linewidth=1)
     ax.axhline(0, color="grey", linewidth=0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("learner step (dotted: next iteration)")
     ax.set_ylabel("nats")
     ax.legend(fontsize=7)
@@ -108,7 +110,7 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
             "",
             "<details><summary>per-step table</summary>",
             "",
-            "| iteration | step | pairs | loss | a (chosen) | b (rejected) | margin a−b | lr |",
+            "| iteration | step | pairs | loss | a (chosen) | b (rejected) | margin a−b | lr after the step |",
             "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
