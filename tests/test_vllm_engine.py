@@ -260,7 +260,8 @@ def test_load_weights_times_out_with_a_clear_error(fake_vllm, tokenizer_dir):
 
 def test_sleep_and_wake_for_colocated_training(fake_vllm, tokenizer_dir):
     engine = _engine(tokenizer_dir, enable_sleep_mode=True)
-    llm = LLM.built[0]
+    # engine.llm, not LLM.built[0]: the timeout test's abandoned rebuild thread may append late
+    llm = engine.llm
     engine.sleep(level=2)
     engine.sleep(level=2)  # idempotent
     with pytest.raises(RuntimeError, match="asleep"):
@@ -290,7 +291,7 @@ def test_nccl_sync_calls(fake_vllm, tokenizer_dir):
     plan = WeightPlan("bfloat16", ((TensorMeta("lm_head.weight", (4, 2)),),))
     engine.init_weight_sync(spec, rank_offset=1)
     assert engine.receive_weights(plan) == 7
-    (_, m1, k1), (_, m2, k2), reset = LLM.built[0].calls
+    (_, m1, k1), (_, m2, k2), reset = engine.llm.calls
     assert (m1, k1) == ("spo_init_weight_sync", {"timeout": 60, "args": (spec.to_dict(), 1)})
     assert (m2, k2) == ("spo_receive_weights", {"timeout": 60, "args": (plan.to_dict(),)})
     assert reset[0] == "reset_prefix_cache"
