@@ -46,29 +46,36 @@ def _launch(run_dir: Path, log: Path, **env) -> subprocess.Popen:
         )
 
 
-def _group_alive(group: int) -> bool:
-    """Whether a live (not zombie) process is left in the process group."""
+def _session_pids(session: int) -> list[int]:
+    """Live (not zombie) processes of the driver's session: the driver and its local Ray,
+    whose workers each run in a process group of their own (so killpg misses them)."""
+    pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # the process is gone
             continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
+        if int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver's whole process group (its local Ray too) and wait until it is gone."""
+    """SIGKILL the driver's whole session (its local Ray too) and wait until it is gone, so
+    no orphaned learner worker writes into the run dir after the test reads it."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait()
     deadline = time.time() + 60
-    while _group_alive(proc.pid):
-        assert time.time() < deadline, f"process group {proc.pid} survived SIGKILL for 60 s"
-        os.killpg(proc.pid, signal.SIGKILL)
+    while pids := _session_pids(proc.pid):
+        assert time.time() < deadline, f"processes {pids} of session {proc.pid} survived SIGKILL for 60 s"
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         time.sleep(0.2)
 
 
