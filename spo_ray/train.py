@@ -83,14 +83,15 @@ def connect_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     address = cfg.cluster.address
-    runtime_env = {"env_vars": fault_env()} if fault_env() else None  # fault injection reaches the workers
-    try:
-        if address == "local":  # always a fresh local Ray, even when another cluster runs here
-            raise ConnectionError
-        ray.init(address=address or "auto", log_to_driver=True, runtime_env=runtime_env)
-    except ConnectionError:
-        if address not in (None, "local"):
-            raise ConnectionError(f"cluster.address={address!r}: no Ray cluster answers there") from None
+    env = fault_env()
+    runtime_env = {"env_vars": env} if env else None  # fault injection reaches the workers
+    if address != "local":  # "local": always a fresh local Ray, even when another cluster runs here
+        try:
+            ray.init(address=address or "auto", log_to_driver=True, runtime_env=runtime_env)
+        except ConnectionError:
+            if address:
+                raise ConnectionError(f"cluster.address={address!r}: no Ray cluster answers there") from None
+    if not ray.is_initialized():
         ray.init(num_cpus=cfg.cluster.num_cpus, log_to_driver=True, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = cfg.run.timeouts.stream_no_progress_s
