@@ -172,6 +172,26 @@ def test_send_gathers_bucket_by_bucket_on_every_rank(monkeypatch, rank0):
         assert all(p.numel() == 0 for p in params.values())  # shards released again
 
 
+def test_a_failed_broadcast_still_takes_part_in_every_gather(monkeypatch):
+    """Rank 0's broadcast fails at the first bucket: it must still enter the later ZeRO-3
+    gathers (the other learner ranks are waiting in them), then raise."""
+    module, params = torch.nn.Module(), {}
+    for name, shape in {"a": (4, 4), "b": (8,), "c": (6, 2)}.items():
+        p = torch.nn.Parameter(torch.empty(0))
+        p.ds_id, p.ds_shape, p.full = len(params), torch.Size(shape), torch.zeros(shape)
+        setattr(module, name, p)
+        params[name] = p
+
+    class BrokenGroup(_RecordingGroup):
+        def broadcast(self, tensor: torch.Tensor) -> None:
+            raise RuntimeError("peer gone")
+
+    plan = plan_for_module(module, "float32", bucket_bytes=16)  # one tensor per bucket
+    with _fake_deepspeed(monkeypatch, params) as gathered, pytest.raises(RuntimeError, match="peer gone"):
+        send_weights(module, plan, BrokenGroup())
+    assert gathered == [["a"], ["b"], ["c"]]
+
+
 def test_send_refuses_a_plan_for_another_model():
     plan = WeightPlan("float32", ((TensorMeta("not.there", (1,)),),))
     with pytest.raises(KeyError, match="not.there"):

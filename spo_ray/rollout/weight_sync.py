@@ -235,22 +235,30 @@ def _gathered(params: Sequence[torch.nn.Parameter]) -> ContextManager:
 def send_weights(module: torch.nn.Module, plan: WeightPlan, group: SyncGroup | None) -> None:
     """Run on every learner worker (the ZeRO-3 gather is collective); rank 0 passes its
     `SyncGroup` and broadcasts, the others pass None. Bucket by bucket, so at most one
-    bucket of full parameters is resident beyond the shards."""
+    bucket of full parameters is resident beyond the shards. A failed broadcast stops the
+    broadcasting, not the gathering (the other ranks are in the same collectives), and
+    is raised at the end."""
     params = dict(sync_parameters(module))
     missing = [m.name for b in plan.buckets for m in b if m.name not in params]
     if missing:
         raise KeyError(f"the plan names parameters this module lacks: {missing[:5]}")
     dtype = DTYPES[plan.dtype]
+    error: Exception | None = None
     for bucket in plan.buckets:
         tensors = [params[m.name] for m in bucket]
         with _gathered(tensors), torch.no_grad():
-            if group is None:
+            if group is None or error is not None:
                 continue
-            for meta, t in zip(bucket, tensors):
-                if tuple(t.shape) != meta.shape:
-                    raise ValueError(f"{meta.name}: shape {tuple(t.shape)} after gathering, plan says {meta.shape}")
-            flat = torch.cat([t.detach().reshape(-1).to(device=group.device, dtype=dtype) for t in tensors])
-            group.broadcast(flat)
+            try:
+                for meta, t in zip(bucket, tensors):
+                    if tuple(t.shape) != meta.shape:
+                        raise ValueError(f"{meta.name}: shape {tuple(t.shape)} after gathering, plan says {meta.shape}")
+                flat = torch.cat([t.detach().reshape(-1).to(device=group.device, dtype=dtype) for t in tensors])
+                group.broadcast(flat)
+            except Exception as err:  # noqa: BLE001 - raised after the loop: the other ranks gather every bucket
+                error = err
+    if error is not None:
+        raise error
 
 
 def unflatten_bucket(flat: torch.Tensor, bucket: Sequence[TensorMeta]) -> list[tuple[str, torch.Tensor]]:
