@@ -280,6 +280,14 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return min(counts)
 
+    def close_weight_sync(self) -> None:
+        self.llm.collective_rpc("spo_close_weight_sync", timeout=self._sync_timeout_s, args=())
+
+    @property
+    def sync_world_size(self) -> int:
+        """Ranks this engine takes in a sync group: one per tensor-parallel worker."""
+        return self.llm_kwargs["tensor_parallel_size"]
+
     # ------------------------------------------------------------------------- internals
     def _build(self, path: str) -> Any:
         log.info("starting vLLM %s on %s", getattr(self._vllm, "__version__", "?"), path)
