@@ -18,6 +18,7 @@ from spo_ray.sppo import LOSS_TYPES
 
 DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("hf", "vllm")
+WEIGHT_SYNC = ("storage", "nccl")
 JUDGES = ("keyword", "length", "pairrm", "reference", "lm")
 PROMPT_FORMATS = ("chat", "raw")
 DATA_FORMATS = ("jsonl", "json", "parquet", "hf_disk", "builtin", "alpaca_eval", "mt_bench")
@@ -80,9 +81,14 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: Optional[int] = None
     enforce_eager: bool = False
+    # How π_{t+1} reaches the engines (spo_ray/rollout/engines.py): storage | nccl
+    weight_sync: str = "storage"
+    weight_sync_bucket_mb: int = 256
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ENGINES)
+        _one_of("rollout.weight_sync", self.weight_sync, WEIGHT_SYNC)
+        _positive("rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
         if self.num_samples < 2:
             raise ValueError(f"rollout.num_samples must be ≥ 2 to form a pair, got {self.num_samples}")
         if self.temperature <= 0:
@@ -275,7 +281,8 @@ class ClusterConfig:
 
     def gpu_layout(self) -> dict[str, float]:
         """GPUs each stage reserves while an iteration streams: rollout, judge and learner
-        run at the same time (the evaluation task runs after the learner has finished)."""
+        run at the same time (the evaluation task runs after the learner has finished).
+        The rollout engines hold theirs for the whole run (spo_ray/rollout/engines.py)."""
         return {
             "rollout": self.rollout.num_actors * self.rollout.num_gpus,
             "judge": self.judge.num_actors * self.judge.num_gpus,
@@ -286,9 +293,10 @@ class ClusterConfig:
         """Fail before Ray starts where Ray could never schedule the stages (it would wait forever)."""
         total = self.nodes * self.gpus_per_node
         layout = self.gpu_layout()
-        # Colocated: rollout + judge run first and release their GPUs, then the learner.
+        # Colocated: the judge runs first and releases its GPUs, then the learner trains while
+        # the engines sleep; engines and learner share GPUs through fractional reservations.
         reserved = (
-            max(layout["rollout"] + layout["judge"], layout["learner"]) if self.colocate else sum(layout.values())
+            layout["rollout"] + max(layout["judge"], layout["learner"]) if self.colocate else sum(layout.values())
         )
         if reserved > total + 1e-9:
             detail = ", ".join(f"{k} {v:g}" for k, v in layout.items())
@@ -311,8 +319,11 @@ class ClusterConfig:
                     f"cluster.{name}={gpus:g}: one actor cannot span machines with "
                     f"cluster.gpus_per_node={self.gpus_per_node} GPUs"
                 )
-        if self.evaluate.num_actors * self.evaluate.num_gpus > total:
-            raise ValueError(f"cluster.evaluate reserves more GPUs than the cluster has ({total})")
+        if layout["rollout"] + self.evaluate.num_actors * self.evaluate.num_gpus > total + 1e-9:
+            raise ValueError(
+                f"cluster.evaluate: {self.evaluate.num_actors}×{self.evaluate.num_gpus:g} GPUs next to the rollout "
+                f"engines' {layout['rollout']:g} (held for the whole run) is more than the cluster has ({total})"
+            )
 
     def describe(self) -> str:
         """The placement as one line, e.g. for a log or a runbook."""
@@ -412,6 +423,18 @@ class Config:
     def __post_init__(self) -> None:
         if self.rollout.engine == "vllm" and self.cluster.rollout.num_gpus <= 0:
             raise ValueError("rollout.engine=vllm needs GPUs: set cluster.rollout.num_gpus > 0")
+        if self.rollout.weight_sync == "nccl":
+            if self.cluster.colocate:
+                raise ValueError(
+                    "rollout.weight_sync=nccl with cluster.colocate=true: engines and learner share GPUs, and NCCL "
+                    "refuses two ranks of one group on one GPU; use rollout.weight_sync=storage (a local read there)"
+                )
+            if (self.cluster.rollout.num_gpus > 0) != (self.cluster.learner.gpus_per_worker > 0):
+                raise ValueError(
+                    "rollout.weight_sync=nccl needs the rollout engines and the learner on the same kind of device "
+                    "(both on GPUs: NCCL; both on CPUs: gloo); check cluster.rollout.num_gpus and "
+                    "cluster.learner.gpus_per_worker, or use rollout.weight_sync=storage"
+                )
         if self.learner.bf16 and self.cluster.learner.gpus_per_worker <= 0:
             raise ValueError("learner.bf16=true needs GPU learner workers (cluster.learner.gpus_per_worker > 0)")
         per_step = self.learner.micro_batch_size * self.cluster.learner.num_workers

@@ -7,7 +7,7 @@ the run, on one machine) exit at once with code 17 — the way a lost node, an O
 SIGKILL ends it: no exception handler, no cleanup. Each fault fires once per fault dir (a
 marker file records it), so the replacement actor, the restarted worker or the resumed
 run goes on. Sites are named where `maybe_fail` is called, e.g. `rollout_batch`,
-`judge_batch`, `learner_step`, `driver_after_train`.
+`judge_batch`, `engine_generate`, `learner_step`, `driver_after_train`.
 
 The variables reach Ray's workers through the job's runtime_env (`fault_env`, used by
 `spo_ray.train.connect_ray`). When SPO_RAY_FAULT is unset but SPO_RAY_FAULT_DIR is set,

@@ -1,6 +1,7 @@
 """One SPPO iteration as a Ray Data stream: prompts → rollout → judge → pair rows.
 
-    prompts ─► RolloutStage (actor pool, holds π_t, K samples per prompt)
+    prompts ─► RolloutStage (actor pool: K samples per prompt from π_t, on the run's
+                             persistent rollout engines, spo_ray/rollout/engines.py)
             ─► JudgeStage   (actor pool, K×K pairwise logits → scores, then
                              select_pairs: p̂, chosen, rejected, P[w,l]; or a skip reason)
             ─► the learner's `get_dataset_shard("pairs")`, which trains while later
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import pyarrow as pa
 import ray
@@ -28,6 +29,9 @@ from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.hf import format_prompt
 from spo_ray.sppo import select_pair
 from spo_ray.timeouts import apply_stream_timeouts
+
+if TYPE_CHECKING:
+    from spo_ray.rollout.engines import RolloutEngines
 
 ROLLOUT_SCHEMA = pa.schema(
     [
@@ -187,10 +191,20 @@ def select_pairs(batch: pa.Table, iteration: int) -> pa.Table:
 
 
 def rollout_stream(
-    cfg: Config, prompts: list[dict], policy_path: str, iteration: int, engine_factory: Callable = make_engine
+    cfg: Config,
+    prompts: list[dict],
+    policy_path: str,
+    iteration: int,
+    engine_factory: Callable = make_engine,
+    engines: "RolloutEngines | None" = None,
 ) -> ray.data.Dataset:
-    """Prompt rows → rollout rows, through the rollout actor pool (lazy)."""
+    """Prompt rows → rollout rows, through the rollout actor pool (lazy). With the run's
+    persistent `engines` the pool's actors only forward batches to them and reserve
+    nothing; without, each pool actor builds its own engine with `engine_factory`."""
     c = cfg.cluster.rollout
+    resources = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus)
+    if engines is not None:
+        engine_factory, resources = engines.clients(), dict(num_cpus=0, num_gpus=0)
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "reference": p.get("reference")} for p in prompts]
     # One block per rollout batch, so the first batches flow on while later ones are generated.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.rollout.batch_size)))
@@ -200,8 +214,7 @@ def rollout_stream(
         batch_size=cfg.rollout.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=c.num_actors),
-        num_cpus=c.num_cpus,
-        num_gpus=c.num_gpus,
+        **resources,
         **STAGE_FAULT_TOLERANCE,
     )
 
@@ -229,20 +242,24 @@ def judge_stream(
     )
 
 
-def build_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int) -> ray.data.Dataset:
+def build_pair_stream(
+    cfg: Config, prompts: list[dict], policy_path: str, iteration: int, engines: "RolloutEngines | None" = None
+) -> ray.data.Dataset:
     """The lazy Ray Data stream of one iteration's pair rows (nothing runs until consumed)."""
-    pairs = judge_stream(cfg, rollout_stream(cfg, prompts, policy_path, iteration), policy_path, iteration)
-    return apply_stream_timeouts(pairs, cfg)
+    rollouts = rollout_stream(cfg, prompts, policy_path, iteration, engines=engines)
+    return apply_stream_timeouts(judge_stream(cfg, rollouts, policy_path, iteration), cfg)
 
 
-def remaining_pair_stream(cfg: Config, prompts: list[dict], policy_path: str, iteration: int, iter_dir: str) -> ray.data.Dataset:
+def remaining_pair_stream(
+    cfg: Config, prompts: list[dict], policy_path: str, iteration: int, iter_dir: str, engines: "RolloutEngines | None" = None
+) -> ray.data.Dataset:
     """The stream of the prompts whose row is not persisted in `iter_dir` yet. Ray Train
     calls it each time it (re)starts the learner, so a restart generates nothing twice."""
     from spo_ray.run_dir import persisted_prompt_ids
 
     done = persisted_prompt_ids(iter_dir)
     todo = [p for p in prompts if p["prompt_id"] not in done]
-    stream = build_pair_stream(cfg, todo, policy_path, iteration) if todo else ray.data.from_arrow(STREAM_SCHEMA.empty_table())
+    stream = build_pair_stream(cfg, todo, policy_path, iteration, engines) if todo else ray.data.from_arrow(STREAM_SCHEMA.empty_table())
     return pad_for_workers(stream, len(todo), cfg.cluster.learner.num_workers)
 
 

@@ -3,9 +3,10 @@ they are handed to Ray, and a timeout is turned into an error that names the sta
 actor and what to check, and says that the same command with the same `run.dir` resumes.
 
     run.timeouts.stream_no_progress_s   Ray Data: no row moved          (train.connect_ray)
-    run.timeouts.actor_start_s          rollout/judge pool actors up    (DataContext.wait_for_min_actors_s)
+    run.timeouts.actor_start_s          rollout engines, judge pool up  (RolloutEngines.wait_started,
+                                                                     DataContext.wait_for_min_actors_s)
     run.timeouts.trainer_start_s        Ray Train workers placed        (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
-    run.timeouts.weight_reload_s        a vLLM engine's in-place reload (VLLMEngine.reload_timeout_s)
+    run.timeouts.weight_reload_s        engines loading π_{t+1}         (RolloutEngines.load, VLLMEngine)
     run.timeouts.eval_s                 the evaluation task             (train.evaluate)
     serve.reconfigure_timeout_s         Serve loading π_t               (serve.serve_policy)
 
@@ -65,23 +66,10 @@ def explain_timeout(err: BaseException, cfg: Config, iteration: int) -> TimeoutE
         cause = cause.__cause__
     c, t = cfg.cluster, cfg.run.timeouts
     if _ACTOR_START_TEXT in text:
-        pools = {
+        return _start_timeout(cfg, iteration, {
             "rollout": ("RolloutStage", c.rollout, f"the policy ({cfg.rollout.engine} engine)"),
             "judge": ("JudgeStage", c.judge, f"the {cfg.judge.name} judge"),
-        }
-        named = {k: why for k, (actor, p, _) in pools.items() if (why := _pool_shortfall(actor, p.num_cpus, p.num_gpus))}
-        suspects = {k: v for k, v in pools.items() if k in named} or pools
-        which = " or ".join(f"the {k} pool ({actor} × {p.num_actors}, {p.num_cpus:g} CPU + {p.num_gpus:g} GPU each)" for k, (actor, p, _) in suspects.items())
-        why = "; ".join(named.values()) or (
-            "the actors were not placed (resources taken) or their constructor, which loads "
-            + " / ".join(load for _, _, load in suspects.values())
-            + ", did not finish"
-        )
-        return TimeoutError(
-            f"iteration {iteration}: {which} did not start within run.timeouts.actor_start_s={t.actor_start_s:g}s: "
-            f"{why}. Check `ray status` (pending actors, missing resources) and the actor's log in the Ray "
-            f"dashboard; lower cluster.<pool>.num_gpus/num_cpus or raise run.timeouts.actor_start_s; {_RESUME}"
-        )
+        })
     if _TRAINER_START_TEXT in text:
         l = c.learner
         return TimeoutError(
@@ -92,6 +80,30 @@ def explain_timeout(err: BaseException, cfg: Config, iteration: int) -> TimeoutE
             f"cluster.learner.* or raise run.timeouts.trainer_start_s; {_RESUME}"
         )
     return None
+
+
+def pool_start_timeout(cfg: Config, iteration: int) -> TimeoutError:
+    """The rollout engines (spo_ray/rollout/engines.py) did not start within actor_start_s."""
+    return _start_timeout(cfg, iteration, {"rollout": ("EngineActor", cfg.cluster.rollout, f"the policy ({cfg.rollout.engine} engine)")})
+
+
+def _start_timeout(cfg: Config, iteration: int, pools: dict) -> TimeoutError:
+    """Which of `pools` (name → (actor class, PoolConfig, what its constructor loads))
+    could not start, and why, as far as the cluster's resources tell."""
+    t = cfg.run.timeouts
+    named = {k: why for k, (actor, p, _) in pools.items() if (why := _pool_shortfall(actor, p.num_cpus, p.num_gpus))}
+    suspects = {k: v for k, v in pools.items() if k in named} or pools
+    which = " or ".join(f"the {k} pool ({actor} × {p.num_actors}, {p.num_cpus:g} CPU + {p.num_gpus:g} GPU each)" for k, (actor, p, _) in suspects.items())
+    why = "; ".join(named.values()) or (
+        "the actors were not placed (resources taken) or their constructor, which loads "
+        + " / ".join(load for _, _, load in suspects.values())
+        + ", did not finish"
+    )
+    return TimeoutError(
+        f"iteration {iteration}: {which} did not start within run.timeouts.actor_start_s={t.actor_start_s:g}s: "
+        f"{why}. Check `ray status` (pending actors, missing resources) and the actor's log in the Ray "
+        f"dashboard; lower cluster.<pool>.num_gpus/num_cpus or raise run.timeouts.actor_start_s; {_RESUME}"
+    )
 
 
 def _resources() -> str:

@@ -27,6 +27,7 @@ from spo_ray.config import Config, register_configs, validate
 from spo_ray.faults import fault_env, maybe_fail
 from spo_ray.data.prompts import iteration_prompts, load_prompts, split_prompts
 from spo_ray.report import write_report
+from spo_ray.rollout.engines import RolloutEngines
 from spo_ray.run_dir import RunDir, persisted_prompt_ids
 from spo_ray.sweep import sweep_run_dir
 from spo_ray.timeouts import explain_timeout, trainer_start_env
@@ -160,19 +161,27 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
     )
 
 
-def stream_and_train(cfg: Config, run: RunDir, prompts: list[dict], policy_path: str, t: int) -> dict:
+def stream_and_train(
+    cfg: Config, run: RunDir, prompts: list[dict], policy_path: str, t: int, engines: RolloutEngines | None = None
+) -> dict:
     """Stages 1+2: the pair stream of iteration t feeding the DeepSpeed learner. Resumable:
     prompts already persisted in iter_t are not generated again, training continues from
-    the last step checkpoint (spo_ray/learner/resume.py)."""
+    the last step checkpoint (spo_ray/learner/resume.py). `engines`: the run's rollout
+    engines (else the stream's pool actors build their own, e.g. in tests)."""
     from spo_ray.pipeline import remaining_pair_stream
 
-    pairs = partial(remaining_pair_stream, cfg, prompts, policy_path, t, str(run.iter_dir(t)))
+    pairs = partial(remaining_pair_stream, cfg, prompts, policy_path, t, str(run.iter_dir(t)), engines=engines)
+    # rollout.weight_sync=nccl: the learner pushes π_{t+1} to the engines when it is done.
+    push = dict(engines=engines) if engines is not None and cfg.rollout.weight_sync == "nccl" else {}
     try:
         if cfg.cluster.colocate:
             # Rollout, judge and learner share GPUs: generate and judge everything first; the
-            # stage actors exit when the stream is done and free their GPU memory for training.
+            # judge actors exit when the stream is done, the engines sleep (free their GPU
+            # memory) until the next stream wakes them with π_{t+1}.
             pairs = pairs().materialize()
-        result = make_trainer(cfg, run, pairs, policy_path, t, len(prompts)).fit()
+            if engines is not None:
+                engines.sleep(level=2)
+        result = make_trainer(cfg, run, pairs, policy_path, t, len(prompts), **push).fit()
     except Exception as err:
         if (timeout := explain_timeout(err, cfg, t)) is None:
             raise
@@ -206,6 +215,37 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
     if t > 0:
         run.write_json(f"iter_{t}/eval.json", result)
     return result
+
+
+def start_engines(cfg: Config, policy_path: str, t: int) -> RolloutEngines:
+    """The run's rollout engines (cluster.rollout), holding `policy_path`; they stay up for
+    the rest of the run and are given each new π in place (spo_ray/rollout/engines.py)."""
+    engines = RolloutEngines(cfg, policy_path)
+    engines.wait_started(t, cfg)
+    return engines
+
+
+def sync_engines(cfg: Config, run: RunDir, engines: RolloutEngines, policy_path: str, t: int) -> None:
+    """π_t to every rollout engine before the next stream: from storage, or, when the
+    learner broadcast it (rollout.weight_sync=nccl), only to the engines it missed."""
+    start = time.time()
+    loads = engines.load(policy_path)
+    push_file = run.iter_dir(t) / "weight_push.json"
+    push = run.read_json(f"iter_{t}/weight_push.json") if push_file.exists() else None
+    record = {
+        "method": cfg.rollout.weight_sync,
+        "engines": len(loads),
+        "from_storage": sum(load["how"] == "storage" for load in loads),
+        "load_s": round(time.time() - start, 3),
+        "push": push,
+    }
+    run.write_json(f"iter_{t}/weight_sync.json", record)
+    pushed = f"broadcast in {push['seconds']:.1f}s, " if push and not push["error"] else ""
+    print(
+        f"[spo_ray] π_{t} → {len(loads)} rollout engines ({cfg.rollout.weight_sync}): {pushed}"
+        f"{record['from_storage']} loaded from storage in {record['load_s']:.1f}s",
+        flush=True,
+    )
 
 
 # ---------------------------------------------------------------------------- recipe
@@ -268,42 +308,51 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
     if not run.done(0, "eval"):
         evaluate(cfg, run, prompts.held_out, policy, 0)
         run.mark_done(0, "eval")
-    for t in range(1, cfg.run.iterations + 1):
-        if run.done(t, "eval"):
+    engines: RolloutEngines | None = None  # started by the first iteration that generates
+    try:
+        for t in range(1, cfg.run.iterations + 1):
+            if run.done(t, "eval"):
+                policy = str(run.policy(t))
+                continue
+            batch = iteration_prompts(prompts.train, t, cfg.data.prompts_per_iteration)
+            start = time.time()
+            if not run.done(t, "train"):
+                run.prepare_train(t)
+                persisted = len(persisted_prompt_ids(run.iter_dir(t)))
+                resumed = f" ({persisted} persisted by an earlier attempt are kept)" if persisted else ""
+                print(f"[spo_ray] iteration {t}/{cfg.run.iterations}: streaming {len(batch) - persisted} prompts{resumed} × K={cfg.rollout.num_samples} into the learner", flush=True)
+                if engines is None:
+                    engines = start_engines(cfg, policy, t)
+                stream_and_train(cfg, run, batch, policy, t, engines)
+                run.mark_done(t, "train")
+                maybe_fail("driver_after_train")  # fault injection (spo_ray/faults.py)
+            summary = run.read_json(f"iter_{t}/learner_summary.json")
+            train_s = time.time() - start
             policy = str(run.policy(t))
-            continue
-        batch = iteration_prompts(prompts.train, t, cfg.data.prompts_per_iteration)
-        start = time.time()
-        if not run.done(t, "train"):
-            run.prepare_train(t)
-            persisted = len(persisted_prompt_ids(run.iter_dir(t)))
-            resumed = f" ({persisted} persisted by an earlier attempt are kept)" if persisted else ""
-            print(f"[spo_ray] iteration {t}/{cfg.run.iterations}: streaming {len(batch) - persisted} prompts{resumed} × K={cfg.rollout.num_samples} into the learner", flush=True)
-            stream_and_train(cfg, run, batch, policy, t)
-            run.mark_done(t, "train")
-            maybe_fail("driver_after_train")  # fault injection (spo_ray/faults.py)
-        summary = run.read_json(f"iter_{t}/learner_summary.json")
-        train_s = time.time() - start
-        policy = str(run.policy(t))
-        start = time.time()
-        evaluation = evaluate(cfg, run, prompts.held_out, policy, t)
-        steps = run.read_jsonl(f"iter_{t}/train_metrics.jsonl")
-        record = iteration_record(run, t, summary, steps, evaluation, train_s, time.time() - start)
-        for step in steps:
-            run.append_metrics({"kind": "step", **step})
-        run.append_metrics(record)
-        run.mark_done(t, "eval")
-        print(
-            f"[spo_ray] iteration {t}: {summary['pairs']} pairs (skipped {summary['skipped'] or 0}), "
-            f"win rate vs π_0 {record['win_rate']:.3f} [{record['win_rate_ci'][0]:.3f}, {record['win_rate_ci'][1]:.3f}], "
-            f"avg length {record['avg_length']:.1f}",
-            flush=True,
-        )
-        write_report(run, config_summary(cfg), _examples(run, prompts.held_out, t))
-        if cfg.serve.enabled:
-            from spo_ray.serve import serve_policy
+            if engines is not None and t < cfg.run.iterations and not cfg.cluster.colocate:
+                sync_engines(cfg, run, engines, policy, t)  # colocated: the next stream wakes them with π_t
+            start = time.time()
+            evaluation = evaluate(cfg, run, prompts.held_out, policy, t)
+            steps = run.read_jsonl(f"iter_{t}/train_metrics.jsonl")
+            record = iteration_record(run, t, summary, steps, evaluation, train_s, time.time() - start)
+            for step in steps:
+                run.append_metrics({"kind": "step", **step})
+            run.append_metrics(record)
+            run.mark_done(t, "eval")
+            print(
+                f"[spo_ray] iteration {t}: {summary['pairs']} pairs (skipped {summary['skipped'] or 0}), "
+                f"win rate vs π_0 {record['win_rate']:.3f} [{record['win_rate_ci'][0]:.3f}, {record['win_rate_ci'][1]:.3f}], "
+                f"avg length {record['avg_length']:.1f}",
+                flush=True,
+            )
+            write_report(run, config_summary(cfg), _examples(run, prompts.held_out, t))
+            if cfg.serve.enabled:
+                from spo_ray.serve import serve_policy
 
-            serve_policy(cfg.serve, policy, iteration=t)
+                serve_policy(cfg.serve, policy, iteration=t)
+    finally:
+        if engines is not None:
+            engines.shutdown()
     report = write_report(run, config_summary(cfg), _examples(run, prompts.held_out, cfg.run.iterations))
     print(f"[spo_ray] done: π_{cfg.run.iterations} in {run.policy(cfg.run.iterations)}; report: {report}", flush=True)
     return run

@@ -295,13 +295,17 @@ def test_rayjob_matches_the_four_node_preset():
 
 
 def test_colocated_placement_counts_the_larger_phase_not_the_sum():
+    """Colocated: the engines (held all run) + the larger of judge and learner; split: all."""
     from tests.conftest import compose as compose_validated
 
     shared = [
-        "cluster=a100x8", "experiment=mistral7b_sppo", "cluster.rollout.num_actors=6", "cluster.judge.num_actors=4",
-        "cluster.judge.num_gpus=0.5", "cluster.learner.num_workers=8", "learner.global_batch_size=64",
+        "cluster=a100x8", "experiment=mistral7b_sppo", "cluster.rollout.num_actors=8", "cluster.rollout.num_gpus=0.5",
+        "cluster.judge.num_actors=4", "cluster.judge.num_gpus=0.5", "cluster.learner.num_workers=8",
+        "cluster.learner.gpus_per_worker=0.5", "learner.global_batch_size=64",
     ]
-    with pytest.raises(ValueError, match="reserve 16 GPUs"):
+    with pytest.raises(ValueError, match="reserve 10 GPUs"):
         compose_validated(shared + ["cluster.colocate=false"])
+    with pytest.raises(ValueError, match="reserve 12 GPUs"):  # whole-GPU engines leave the learner no room
+        compose_validated(shared + ["cluster.colocate=true", "cluster.rollout.num_actors=4", "cluster.rollout.num_gpus=1", "cluster.learner.gpus_per_worker=1"])
     _, cfg = compose_validated(shared + ["cluster.colocate=true"])
     assert cfg.cluster.colocate

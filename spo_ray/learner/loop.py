@@ -269,6 +269,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     summary.responses_truncated = stats.responses_truncated
     summary.skipped = dict(stats.reasons)  # pairs the tokenizer failed on (weight 0); see _finish
     _finish(engine, tokenizer, cfg, iter_dir, summary, rank, world, loop_config["out_dir"])
+    if loop_config.get("engines") is not None:  # rollout.weight_sync=nccl: push π_{t+1} to the rollout engines
+        from spo_ray.rollout.engines import push_weights
+
+        agree = lambda ok: _all_gather(ok, world)[0]  # noqa: E731 - rank 0's word on every rank
+        pushed = push_weights(engine.module, cfg, loop_config["engines"], loop_config["out_dir"], rank, device, agree)
+        if rank == 0:
+            write_json_atomic(iter_dir / "weight_push.json", pushed)
     ray.train.report({"steps": summary.steps, "streamed_rows": summary.streamed_rows})
 
 
