@@ -59,12 +59,19 @@ def _plot_steps(steps: list[dict], out: Path) -> None:
 
 
 def step_rows(run: RunDir) -> list[dict]:
-    """The learner's per-step records of finished iterations (from metrics.jsonl)."""
-    return [m for m in run.metrics() if m.get("kind") == "step" and "margin" in m]
+    """The learner's per-step records of finished iterations (from metrics.jsonl), one per
+    (iteration, step): a driver that dies after appending an iteration's records but before
+    marking its eval stage done appends them again on resume; the last copy counts."""
+    steps = {}
+    for m in run.metrics():
+        if m.get("kind") == "step" and "margin" in m:
+            steps[m["iteration"], m["step"]] = m
+    return [steps[k] for k in sorted(steps)]
 
 
 def iteration_rows(run: RunDir) -> list[dict]:
-    """One summary row per finished iteration (from metrics.jsonl)."""
+    """One summary row per finished iteration (from metrics.jsonl; the last record of an
+    iteration counts, as for its steps)."""
     rows = {}
     for m in run.metrics():
         if m.get("kind") == "iteration":

@@ -38,3 +38,20 @@ def test_report_tables_plots_and_records(tmp_path):
     assert (run.path / "win_rate.png").is_file()
     assert "| hello | hi\\nthere |" in report and "**Prompt:** Say | hi" in report
     assert [r["win_rate"] for r in json.loads((run.path / "iterations.json").read_text())] == [0.55, 0.6]
+
+
+def test_records_appended_again_by_a_resumed_driver_are_reported_once(tmp_path):
+    # train.py appends an iteration's step records and its summary, then marks the eval
+    # stage done; a driver killed in between appends them all again when resumed.
+    run = RunDir(tmp_path / "run")
+    run.append_metrics(_step(1, 1, 0.1, -0.2))
+    run.append_metrics(_step(1, 2, 0.2, -0.4))
+    run.append_metrics(_iteration(1, 0.5))
+    run.append_metrics(_step(1, 1, 0.1, -0.2))
+    run.append_metrics(_step(1, 2, 0.2, -0.4))
+    run.append_metrics(_iteration(1, 0.55))
+    report = write_report(run, {"experiment": "x"}, []).read_text()
+
+    assert report.count("| 1 | 2 | 8 | 800 | +0.200 | -0.400 | +0.600 | 5.00e-06 |") == 1
+    assert report.count("| 1 | 1 | 8 | 800 |") == 1
+    assert [r["win_rate"] for r in json.loads((run.path / "iterations.json").read_text())] == [0.55]
