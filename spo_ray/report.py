@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from spo_ray.run_dir import RunDir
@@ -26,9 +27,7 @@ def _plot(rows: list[dict], out: Path) -> None:
     ax.set_ylim(0, 1)
     ax.set_xticks(its)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    _save(fig, out)
 
 
 def _plot_steps(steps: list[dict], out: Path) -> None:
@@ -53,9 +52,18 @@ def _plot_steps(steps: list[dict], out: Path) -> None:
     ax.set_xlabel("learner step (dotted: next iteration)")
     ax.set_ylabel("nats")
     ax.legend(fontsize=7)
+    _save(fig, out)
+
+
+def _save(fig, out: Path) -> None:
+    """Write-then-rename, like report.md: a run killed mid-write keeps the previous plot."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    fig.savefig(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png")
     plt.close(fig)
+    os.replace(tmp, out)
 
 
 def step_rows(run: RunDir) -> list[dict]:
@@ -138,7 +146,9 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
                 "",
             ]
     out = run.path / "report.md"
-    out.write_text("\n".join(lines) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out)  # a run killed mid-write keeps the previous report whole
     return out
 
 

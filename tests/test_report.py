@@ -4,6 +4,9 @@ plot and table, iterations.json, and the examples (changed answers first)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+
+import pytest
 
 from spo_ray.report import write_report
 from spo_ray.run_dir import RunDir
@@ -55,3 +58,38 @@ def test_records_appended_again_by_a_resumed_driver_are_reported_once(tmp_path):
     assert report.count("| 1 | 2 | 8 | 800 | +0.200 | -0.400 | +0.600 | 5.00e-06 |") == 1
     assert report.count("| 1 | 1 | 8 | 800 |") == 1
     assert [r["win_rate"] for r in json.loads((run.path / "iterations.json").read_text())] == [0.55]
+
+
+def test_a_report_interrupted_mid_write_leaves_the_previous_report_and_plots_whole(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    run = RunDir(tmp_path / "run")
+    run.append_metrics(_step(1, 1, 0.1, -0.2))
+    run.append_metrics(_iteration(1, 0.55))
+    report = write_report(run, {"experiment": "x"}, [])
+    before = report.read_bytes()
+    run.append_metrics(_step(2, 1, 0.1, -0.2))
+    run.append_metrics(_iteration(2, 0.6))
+
+    write_text, savefig = Path.write_text, Figure.savefig
+
+    def torn_text(path, text, *args, **kwargs):  # the process dies halfway through report.md
+        if "report.md" in path.name:
+            write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+        return write_text(path, text, *args, **kwargs)
+
+    def torn_png(fig, path, *args, **kwargs):  # ... or halfway through a plot
+        Path(path).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", torn_text)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(run, {"experiment": "x"}, [])
+    assert report.read_bytes() == before
+    plots = {name: (run.path / name).read_bytes() for name in ("win_rate.png", "logratios.png")}
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(Figure, "savefig", torn_png)
+    with pytest.raises(KeyboardInterrupt):
+        write_report(run, {"experiment": "x"}, [])
+    assert {name: (run.path / name).read_bytes() for name in plots} == plots
