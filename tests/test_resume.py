@@ -71,6 +71,16 @@ def test_only_a_renamed_checkpoint_with_its_position_counts_and_later_records_ar
     assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == [1, 2]
 
 
+def test_a_step_record_cut_short_by_the_crash_does_not_stop_the_restart(tmp_path):
+    metrics = tmp_path / "train_metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
+    truncate_step_records(metrics, 3)
+    assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == [1, 2, 3]
+    metrics.write_text('{"step": 1}\n{"st')
+    truncate_step_records(metrics, 0)
+    assert metrics.read_text() == ""
+
+
 def _split_equally(ds, workers: int) -> list[list[str]]:
     """What each of `workers` learner workers receives (Ray Train splits with equal=True)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -110,13 +110,26 @@ def restore(engine, iter_dir: Path, rank: int) -> tuple[Position, Path | None]:
 
 
 def truncate_step_records(path: Path, step: int) -> None:
-    """Keep the records of steps 1..step (the later ones run again after a restart)."""
+    """Keep the records of steps 1..step (the later ones run again after a restart). A last
+    line cut short by the crash (disk full, node lost mid-append) is dropped too: its step
+    runs again, and an unreadable line here would stop every later restart."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines and not _is_json(lines[-1]):
+        lines.pop()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def _barrier(world: int, dist) -> None:
