@@ -20,7 +20,7 @@ import os
 
 import ray
 
-from spo_ray.config import Config
+from spo_ray.config import Config, PoolConfig
 
 # Ray Train V2 reads this in its controller (it forwards the driver's value); its default is 60 s.
 TRAINER_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -47,12 +47,19 @@ def trainer_start_env(cfg: Config) -> None:
     os.environ[TRAINER_START_ENV] = f"{cfg.run.timeouts.trainer_start_s:g}"
 
 
-def _pool_shortfall(name: str, num_cpus: float, num_gpus: float) -> str | None:
-    """Why no actor of a pool asking for these resources could ever be placed (None: it could)."""
+def _pool_shortfall(name: str, pool: PoolConfig) -> str | None:
+    """Why the pool could never start (None: it could). Ray Data waits for all `num_actors`
+    of a fixed-size pool, so not only each actor but the whole pool must fit in the cluster."""
     total = ray.cluster_resources()
-    for resource, asked in (("CPU", num_cpus), ("GPU", num_gpus)):
-        if asked > total.get(resource, 0):
-            return f"each {name} actor asks for {asked:g} {resource} but the whole cluster has {total.get(resource, 0):g}"
+    for resource, each in (("CPU", pool.num_cpus), ("GPU", pool.num_gpus)):
+        has = total.get(resource, 0)
+        if each > has:
+            return f"each {name} actor asks for {each:g} {resource} but the whole cluster has {has:g}"
+        if pool.num_actors * each > has + 1e-9:
+            return (
+                f"the {pool.num_actors} {name} actors ask for {pool.num_actors} × {each:g} = "
+                f"{pool.num_actors * each:g} {resource} together but the whole cluster has {has:g}"
+            )
     return None
 
 
@@ -91,7 +98,7 @@ def _start_timeout(cfg: Config, iteration: int, pools: dict) -> TimeoutError:
     """Which of `pools` (name → (actor class, PoolConfig, what its constructor loads))
     could not start, and why, as far as the cluster's resources tell."""
     t = cfg.run.timeouts
-    named = {k: why for k, (actor, p, _) in pools.items() if (why := _pool_shortfall(actor, p.num_cpus, p.num_gpus))}
+    named = {k: why for k, (actor, p, _) in pools.items() if (why := _pool_shortfall(actor, p))}
     suspects = {k: v for k, v in pools.items() if k in named} or pools
     which = " or ".join(f"the {k} pool ({actor} × {p.num_actors}, {p.num_cpus:g} CPU + {p.num_gpus:g} GPU each)" for k, (actor, p, _) in suspects.items())
     why = "; ".join(named.values()) or (
@@ -102,7 +109,7 @@ def _start_timeout(cfg: Config, iteration: int, pools: dict) -> TimeoutError:
     return TimeoutError(
         f"iteration {iteration}: {which} did not start within run.timeouts.actor_start_s={t.actor_start_s:g}s: "
         f"{why}. Check `ray status` (pending actors, missing resources) and the actor's log in the Ray "
-        f"dashboard; lower cluster.<pool>.num_gpus/num_cpus or raise run.timeouts.actor_start_s; {_RESUME}"
+        f"dashboard; lower cluster.<pool>.num_actors/num_cpus/num_gpus or raise run.timeouts.actor_start_s; {_RESUME}"
     )
 
 
