@@ -15,9 +15,10 @@ On restart the engine loads the checkpoint (π_{t-1} and step 0 when there is no
 the epoch of the checkpoint continues with the rows not yet trained in it:
 
 - epoch 1 (streamed): first the persisted rows the checkpoint had not trained on, in the
-  order they arrived, then the stream — which Ray Train builds again and which leaves out
-  every prompt already persisted (`spo_ray.pipeline.remaining_pair_stream`), so nothing
-  is generated twice;
+  order `persisted_rows` gives, then the stream — which Ray Train builds again and which
+  leaves out every prompt already persisted (`spo_ray.pipeline.remaining_pair_stream`), so
+  nothing is generated twice (with `cluster.colocate` the stream was materialized once,
+  before the first attempt: the learner turns its rows already persisted into fillers);
 - later epochs: all persisted pairs in an order fixed by (seed, iteration, epoch,
   prompt_id) — not by which worker received which row — minus the ones trained in it.
 
@@ -139,8 +140,10 @@ def _barrier(world: int, dist) -> None:
 
 # ---------------------------------------------------------------------------- data position
 def persisted_rows(iter_dir: Path) -> list[dict]:
-    """Every persisted row of the iteration in arrival order: parts sorted by name (attempt,
-    rank, batch), skipped prompts put back at their position within their batch."""
+    """Every persisted row of the iteration, in the same order for every rank: parts sorted
+    by name (the writing worker's start time, its rank, the batch), so each worker's rows in
+    the order it received them, worker after worker; skipped prompts put back at their
+    position within their batch."""
     parts = sorted({p.name for sub in ("pairs", "skipped") for p in (iter_dir / sub).glob("part-*.parquet")})
     rows: list[dict] = []
     for name in parts:
