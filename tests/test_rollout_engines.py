@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,6 +14,7 @@ import torch
 from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.hf import HFEngine
 from tests.conftest import compose
+from tests.fault_report import record_fault
 
 SAMPLING = SamplingConfig(num_samples=2, temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
 PROMPTS = ["Describe the sea.", "Hi"]
@@ -124,6 +126,7 @@ def test_engines_reload_in_place_and_serve_the_policy_each_batch_names(engines, 
     assert [r.responses for r in client.generate(PROMPTS, SAMPLING)] == _responses(tiny_policy)
 
 
+@pytest.mark.fault
 def test_a_dead_engine_comes_back_holding_the_policy_asked_for(engines, arm_fault, tiny_policy, other_policy):
     """The engine dies after generating (as an OOM kill would): Ray restarts it — built from
     π_0, as first started — and retries the call, which names π_1: it reloads π_1 first."""
@@ -132,10 +135,17 @@ def test_a_dead_engine_comes_back_holding_the_policy_asked_for(engines, arm_faul
     cfg, pool = engines
     pool.load(other_policy)
     client = pool.clients()(cfg, other_policy)
+    start = time.monotonic()
+    clean = client.generate(PROMPTS, SAMPLING)
+    clean_s = time.monotonic() - start
     with arm_fault("engine_generate@1") as folder:
+        start = time.monotonic()
         out = client.generate(PROMPTS, SAMPLING)
+        faulted_s = time.monotonic() - start
     assert fired("engine_generate", folder)
-    assert [r.responses for r in out] == _responses(other_policy)
+    assert [r.responses for r in out] == [r.responses for r in clean] == _responses(other_policy)
+    record_fault("rollout engine process exits (engine_generate@1)", "generation (one batch)", True, 0, 0,
+                 round(faulted_s - clean_s, 1), outcome="restarted by Ray, reloaded π_1 before the retried batch")
 
 
 def test_learner_push_reaches_the_engines_without_storage(engines, other_policy):
@@ -163,6 +173,26 @@ def test_engines_that_cannot_be_placed_time_out_naming_the_pool(ray_session, tin
 
 
 # ----------------------------------------------------------------------------- the recipe
+def test_colocated_engines_sleep_through_training_and_wake_with_the_new_policy(engines, tiny_policy, tmp_path):
+    """cluster.colocate=true: the stream is generated and judged first, then the engines
+    sleep (their memory is the learner's) until a batch names π_1."""
+    from spo_ray.run_dir import RunDir
+    from spo_ray.train import stream_and_train
+
+    _, pool = engines
+    _, cfg = compose(["experiment=tiny", "cluster.colocate=true", "rollout.num_samples=2", "rollout.max_new_tokens=4", "learner.epochs=1"])
+    run = RunDir(tmp_path / "run")
+    run.prepare_train(1)
+    prompts = [{"prompt_id": f"p{i}", "prompt": f"Say {i}"} for i in range(8)]
+    summary = stream_and_train(cfg, run, prompts, tiny_policy, 1, pool)
+    assert summary["rows"] == 8
+    assert pool.states() == [{"policy": tiny_policy, "asleep": True}]
+    pi_1 = str(run.policy(1))
+    client = pool.clients()(cfg, pi_1)
+    assert [r.responses for r in client.generate(PROMPTS, SAMPLING)] == _responses(pi_1)
+    assert pool.states() == [{"policy": pi_1, "asleep": False}]
+
+
 def test_two_iterations_with_the_learner_broadcasting_to_the_engines(ray_session, tmp_path):
     """rollout.weight_sync=nccl (gloo on CPU): after iteration 1 the learner pushes π_1 to the
     engine, which then needs no storage read; iteration 2's samples are exactly what π_1

@@ -54,8 +54,9 @@ class EngineActor:
         self.policy = policy_path
         self.asleep = False
 
-    def ready(self) -> str:
-        return self.policy
+    def state(self) -> dict:
+        """What the engine holds: {"policy": path, "asleep": bool} (also: it is up)."""
+        return {"policy": self.policy, "asleep": self.asleep}
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig, policy_path: str) -> list[Rollout]:
         self._hold(policy_path)
@@ -157,7 +158,7 @@ class RolloutEngines:
         """Every engine up (its constructor loaded the policy) within run.timeouts.actor_start_s."""
         from spo_ray.timeouts import pool_start_timeout
 
-        ready, _ = ray.wait([a.ready.remote() for a in self.actors], num_returns=len(self.actors), timeout=self.timeouts.actor_start_s)
+        ready, _ = ray.wait([a.state.remote() for a in self.actors], num_returns=len(self.actors), timeout=self.timeouts.actor_start_s)
         if len(ready) < len(self.actors):
             self.shutdown()
             raise pool_start_timeout(cfg, iteration)
@@ -187,6 +188,9 @@ class RolloutEngines:
 
     def sync_ranks(self) -> list[int]:
         return ray.get([a.sync_ranks.remote() for a in self.actors])
+
+    def states(self) -> list[dict]:
+        return ray.get([a.state.remote() for a in self.actors])
 
     def shutdown(self) -> None:
         for handle in (*self.actors, self.leases):
