@@ -423,6 +423,12 @@ class Config:
     def __post_init__(self) -> None:
         if self.rollout.engine == "vllm" and self.cluster.rollout.num_gpus <= 0:
             raise ValueError("rollout.engine=vllm needs GPUs: set cluster.rollout.num_gpus > 0")
+        tp = self.rollout.tensor_parallel_size
+        if self.rollout.engine == "vllm" and tp > 1 and self.cluster.rollout.num_gpus != tp:
+            raise ValueError(
+                f"rollout.tensor_parallel_size={tp}: each vLLM engine starts its {tp} workers on the GPUs its "
+                f"actor holds, so cluster.rollout.num_gpus must be {tp} (it is {self.cluster.rollout.num_gpus:g})"
+            )
         if self.rollout.weight_sync == "nccl":
             if self.cluster.colocate:
                 raise ValueError(

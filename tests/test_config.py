@@ -23,11 +23,22 @@ def test_tiny_config_composes_and_validates():
         ("model.name_or_path=some/model", "exactly one"),
         ("model.gguf_file=x.gguf", "exactly one"),
         ("evaluate.mt_bench_turns=3", "evaluate.mt_bench_turns"),
+        ("rollout.weight_sync=disk", "rollout.weight_sync"),
+        ("rollout.weight_sync_bucket_mb=0", "rollout.weight_sync_bucket_mb"),
+        ("rollout.weight_sync=nccl cluster.colocate=true", "NCCL refuses two ranks"),
+        ("rollout.weight_sync=nccl cluster.gpus_per_node=1 cluster.learner.gpus_per_worker=1", "same kind of device"),
     ],
 )
 def test_invalid_values_fail_before_ray_with_the_key(override, message):
     with pytest.raises(ValueError, match=message):
-        compose(["experiment=tiny", override])
+        compose(["experiment=tiny", *override.split()])
+
+
+def test_a_vllm_engine_holds_as_many_gpus_as_its_tensor_parallel_workers():
+    with pytest.raises(ValueError, match="cluster.rollout.num_gpus must be 2"):
+        compose(["experiment=mistral7b_sppo", "rollout.tensor_parallel_size=2"])
+    _, cfg = compose(["experiment=mistral7b_sppo", "rollout.tensor_parallel_size=2", "cluster.rollout.num_gpus=2", "cluster.rollout.num_actors=1"])
+    assert cfg.cluster.rollout.num_gpus == 2
 
 
 def test_unknown_key_and_wrong_type_fail_at_compose():
