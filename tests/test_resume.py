@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spo_ray.learner.resume import FILLER, deal, epoch_order, latest_checkpoint, persisted_rows, truncate_step_records
+from spo_ray.learner.resume import (
+    FILLER, Position, deal, epoch_order, latest_checkpoint, persisted_rows, restore, save_checkpoint, truncate_step_records
+)
 from tests.conftest import compose
 from tests.fault_report import record_fault
 
@@ -79,6 +83,37 @@ def test_a_step_record_cut_short_by_the_crash_does_not_stop_the_restart(tmp_path
     metrics.write_text('{"step": 1}\n{"st')
     truncate_step_records(metrics, 0)
     assert metrics.read_text() == ""
+
+
+class _Engine:
+    """The two calls of DeepSpeed's engine that save_checkpoint and restore make."""
+
+    def save_checkpoint(self, path: str, tag: str, save_latest: bool) -> None:
+        (Path(path) / tag).mkdir()
+
+    def load_checkpoint(self, path: str, tag: str, **_) -> tuple[str, dict]:
+        return path, {}
+
+
+def test_pairs_the_tokenizer_failed_on_before_a_checkpoint_are_still_counted_after_a_restart(tmp_path, monkeypatch):
+    from spo_ray.data.schema import TokenStats
+    from spo_ray.learner import loop
+
+    rank0 = TokenStats(prompts_truncated=1, responses_truncated=2, reasons={"tokenize_error": 3})
+    rank1 = TokenStats(prompts_truncated=0, responses_truncated=1, reasons={"tokenize_error": 1})
+    monkeypatch.setattr(loop, "_all_gather", lambda obj, world: [obj, asdict(rank1)])  # 2 ranks
+    position = Position(step=2)
+    loop._record_stats(position, rank0, world=2)
+    save_checkpoint(_Engine(), tmp_path, position, rank=0, world=1)
+
+    restored, _ = restore(_Engine(), tmp_path, rank=0)
+    assert loop._restored_stats(restored, rank=0) == TokenStats(1, 3, {"tokenize_error": 4})
+    assert loop._restored_stats(restored, rank=1) == TokenStats()  # the ranks' counts are summed at the end
+
+    # a position.json written before the tokenizer failures were recorded still loads
+    old = {k: v for k, v in json.loads((latest_checkpoint(tmp_path) / "position.json").read_text()).items() if k != "reasons"}
+    (latest_checkpoint(tmp_path) / "position.json").write_text(json.dumps(old))
+    assert restore(_Engine(), tmp_path, rank=0)[0] == Position(step=2, prompts_truncated=1, responses_truncated=3)
 
 
 def _split_equally(ds, workers: int) -> list[list[str]]:

@@ -33,7 +33,7 @@ from spo_ray.config import Config
 from spo_ray.data.schema import TokenStats, collate_pairs, pair_table
 from spo_ray.faults import maybe_fail
 from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule
-from spo_ray.learner.resume import FILLER, deal, epoch_order, filler_row, persisted_rows, restore, save_checkpoint
+from spo_ray.learner.resume import FILLER, Position, deal, epoch_order, filler_row, persisted_rows, restore, save_checkpoint
 from spo_ray.run_dir import write_json_atomic
 from spo_ray.sppo import preference_loss, sequence_logps
 
@@ -135,6 +135,27 @@ def _all_gather(obj, world: int) -> list:
     return out
 
 
+def _restored_stats(position: Position, rank: int) -> TokenStats:
+    """The token counts up to the checkpoint, held by rank 0 alone (the ranks' counts are
+    summed at the end, so each is counted once)."""
+    if rank != 0:
+        return TokenStats()
+    return TokenStats(
+        prompts_truncated=position.prompts_truncated, responses_truncated=position.responses_truncated, reasons=dict(position.reasons)
+    )
+
+
+def _record_stats(position: Position, stats: TokenStats, world: int) -> None:
+    """All ranks: every rank's token counts so far, summed into the position a checkpoint saves."""
+    gathered = _all_gather(asdict(stats), world)
+    position.prompts_truncated = sum(s["prompts_truncated"] for s in gathered)
+    position.responses_truncated = sum(s["responses_truncated"] for s in gathered)
+    position.reasons = {}
+    for s in gathered:
+        for reason, n in s["reasons"].items():
+            position.reasons[reason] = position.reasons.get(reason, 0) + n
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry: one iteration's training of π_t into π_{t+1}, resumable
     (spo_ray/learner/resume.py): it starts from the newest step checkpoint, if any."""
@@ -193,9 +214,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
     sink = _PairSink(iter_dir, rank)
     summary = LearnerSummary(steps=position.step, resumed_from_step=position.step)
-    stats = TokenStats()
-    if rank == 0:  # the counts up to the checkpoint (summed over ranks at the end)
-        stats.prompts_truncated, stats.responses_truncated = position.prompts_truncated, position.responses_truncated
+    stats = _restored_stats(position, rank)
     metrics_path = iter_dir / "train_metrics.jsonl"
     started = time.time()
     shard = ray.train.get_dataset_shard("pairs")
@@ -260,8 +279,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         flush=True,
                     )
             if l.checkpoint_every and summary.steps % l.checkpoint_every == 0:
-                counts = _all_gather((stats.prompts_truncated, stats.responses_truncated), world)
-                position.prompts_truncated, position.responses_truncated = (sum(c[i] for c in counts) for i in (0, 1))
+                _record_stats(position, stats, world)
                 save_checkpoint(engine, iter_dir, position, rank, world)
             maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
 

@@ -9,7 +9,8 @@ starts a new TorchTrainer). Both restart the same way, from what the run dir hol
     iter_<t>/checkpoints/step_<n>/    the newest step checkpoint: DeepSpeed's engine state
                                       (weights, optimizer, LR schedule; ZeRO shards per rank)
                                       and position.json: epoch, step, the prompt_ids trained
-                                      so far in that epoch, the token statistics
+                                      so far in that epoch, the token statistics (truncations,
+                                      pairs the tokenizer failed on)
 
 On restart the engine loads the checkpoint (π_{t-1} and step 0 when there is none), then
 the epoch of the checkpoint continues with the rows not yet trained in it:
@@ -59,6 +60,7 @@ class Position:
     consumed: list[str] = field(default_factory=list)  # prompt_ids trained in `epoch` so far
     prompts_truncated: int = 0
     responses_truncated: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # pairs the tokenizer failed on (TokenStats.reasons)
 
 
 # ---------------------------------------------------------------------------- checkpoints
