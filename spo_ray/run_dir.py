@@ -33,6 +33,47 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def read_json_lines(path: Path) -> list[dict]:
+    """The records of a JSON-lines file ([] when it does not exist). A last line that does not
+    parse was cut short by a crash mid-append (its writer runs again on resume) and is dropped;
+    a bad line anywhere else raises."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if lines and not _is_json(lines[-1]):
+        lines.pop()
+    return [json.loads(line) for line in lines]
+
+
+def _end_torn_line(path: Path) -> None:
+    """Before appending: a last line without its newline (a crash mid-append) is ended when it
+    parses and dropped when it does not, so the next record starts a line of its own."""
+    if not path.exists():
+        return
+    with path.open("r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        text = f.read()
+        start = text.rfind(b"\n") + 1
+        if _is_json(text[start:]):
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+
+
+def _is_json(line: str | bytes) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
@@ -83,15 +124,14 @@ class RunDir:
         return json.loads((self.path / relative).read_text())
 
     def append_metrics(self, record: dict) -> None:
-        with (self.path / "metrics.jsonl").open("a") as f:
+        path = self.path / "metrics.jsonl"
+        _end_torn_line(path)
+        with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
     def read_jsonl(self, relative: str) -> list[dict]:
-        """The records of a JSON-lines file in the run dir ([] when it does not exist yet)."""
-        path = self.path / relative
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """The records of a JSON-lines file in the run dir (`read_json_lines`)."""
+        return read_json_lines(self.path / relative)
 
     def metrics(self) -> list[dict]:
         return self.read_jsonl("metrics.jsonl")

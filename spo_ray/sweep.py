@@ -30,6 +30,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from spo_ray.run_dir import read_json_lines
+
 log = logging.getLogger("spo_ray")
 
 POINT_FILE = "sweep_point.json"
@@ -53,13 +55,9 @@ def sweep_run_dir(run_dir: str) -> str:
 def point_record(run_dir: Path, job: int, overrides: list[str], status: str, wall_s: float, error: str = "") -> dict[str, Any]:
     """One summary row: the point's final iteration from its metrics.jsonl (if it got that far)."""
     last: dict[str, Any] = {}
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():
-        for line in metrics.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if record.get("kind") == "iteration":
-                    last = record
+    for record in read_json_lines(run_dir / "metrics.jsonl"):
+        if record.get("kind") == "iteration":
+            last = record
     ci = last.get("win_rate_ci") or [None, None]
     return {
         "job": job,

@@ -45,7 +45,7 @@ from typing import Iterable
 
 import pyarrow.parquet as pq
 
-from spo_ray.run_dir import write_json_atomic
+from spo_ray.run_dir import read_json_lines, write_json_atomic
 
 FILLER = "filler"  # skip_reason of a padding row: weight 0, never counted or recorded
 _STEP_DIR = re.compile(r"step_(\d+)$")
@@ -118,21 +118,10 @@ def truncate_step_records(path: Path, step: int) -> None:
     runs again, and an unreadable line here would stop every later restart."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    if lines and not _is_json(lines[-1]):
-        lines.pop()
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = [record for record in read_json_lines(path) if record["step"] <= step]
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
     os.replace(tmp, path)
-
-
-def _is_json(line: str) -> bool:
-    try:
-        json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return True
 
 
 def _barrier(world: int, dist) -> None:
