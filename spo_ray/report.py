@@ -68,8 +68,8 @@ def _save(fig, out: Path) -> None:
 
 def step_rows(run: RunDir) -> list[dict]:
     """The learner's per-step records of finished iterations (from metrics.jsonl), one per
-    (iteration, step): a driver that dies after appending an iteration's records but before
-    marking its eval stage done appends them again on resume; the last copy counts."""
+    (iteration, step): a driver that dies while appending an iteration's step records, before
+    its iteration record, appends them again on resume; the last copy counts."""
     steps = {}
     for m in run.metrics():
         if m.get("kind") == "step" and "margin" in m:

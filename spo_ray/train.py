@@ -335,9 +335,11 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
             evaluation = evaluate(cfg, run, prompts.held_out, policy, t)
             steps = run.read_jsonl(f"iter_{t}/train_metrics.jsonl")
             record = iteration_record(run, t, summary, steps, evaluation, train_s, time.time() - start)
-            for step in steps:
-                run.append_metrics({"kind": "step", **step})
-            run.append_metrics(record)
+            # A driver killed after appending them but before marking eval done has them already.
+            if not any(m.get("kind") == "iteration" and m.get("iteration") == t for m in run.metrics()):
+                for step in steps:
+                    run.append_metrics({"kind": "step", **step})
+                run.append_metrics(record)
             run.mark_done(t, "eval")
             print(
                 f"[spo_ray] iteration {t}: {summary['pairs']} pairs (skipped {summary['skipped'] or 0}), "

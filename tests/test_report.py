@@ -44,8 +44,8 @@ def test_report_tables_plots_and_records(tmp_path):
 
 
 def test_records_appended_again_by_a_resumed_driver_are_reported_once(tmp_path):
-    # train.py appends an iteration's step records and its summary, then marks the eval
-    # stage done; a driver killed in between appends them all again when resumed.
+    # A driver killed while appending an iteration's records appends them again when resumed
+    # (all of them, summary included, before train.py checked for the iteration's record).
     run = RunDir(tmp_path / "run")
     run.append_metrics(_step(1, 1, 0.1, -0.2))
     run.append_metrics(_step(1, 2, 0.2, -0.4))

@@ -1,0 +1,68 @@
+"""The recipe's driver (spo_ray/train.py `run_sppo`) with its stages stubbed: what it leaves
+in the run dir across restarts, without Ray."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from spo_ray import train
+from spo_ray.run_dir import RunDir
+from tests.conftest import compose
+
+PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"prompt {i}"} for i in range(6)]
+
+
+class _Killed(Exception):
+    """The driver dies here."""
+
+
+def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=None) -> dict:
+    """What a finished train stage leaves: π_t, the summary, the step records, a step checkpoint."""
+    it = run.iter_dir(t)
+    (it / "policy").mkdir(parents=True)
+    (it / "checkpoints" / "step_000002").mkdir(parents=True)
+    (it / "checkpoints" / "step_000002" / "position.json").write_text(json.dumps({"step": 2}))
+    steps = [{"iteration": t, "epoch": 0, "step": s, "loss": 0.5, "chosen_logratio": 0.1, "rejected_logratio": -0.1, "margin": 0.2, "pairs": 2} for s in (1, 2)]
+    (it / "train_metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    summary = {"pairs": 4, "skipped": {}, "steps": 2, "prompts_truncated": 0, "responses_truncated": 0}
+    run.write_json(f"iter_{t}/learner_summary.json", summary)
+    return summary
+
+
+def _fake_evaluate(cfg, run: RunDir, held_out, policy, t: int) -> dict:
+    run.write_json(f"iter_{t}/answers.json", {"answers": [f"answer {t}"] * len(held_out), "lengths": [3] * len(held_out)})
+    return {"win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "avg_length": 3.0}
+
+
+@pytest.fixture
+def stubbed(monkeypatch, tmp_path):
+    """The config of a one-iteration run in tmp_path; every stage that needs Ray stubbed."""
+    monkeypatch.setattr(train, "prepare_prompts", lambda cfg, run: train.Prompts(PROMPTS[:4], PROMPTS[4:], {}))
+    monkeypatch.setattr(train, "connect_ray", lambda cfg: None)
+    monkeypatch.setattr(train, "initial_policy", lambda cfg, run: str(run.policy(0)))
+    monkeypatch.setattr(train, "start_engines", lambda cfg, policy, t: None)
+    monkeypatch.setattr(train, "stream_and_train", _fake_stream_and_train)
+    monkeypatch.setattr(train, "evaluate", _fake_evaluate)
+    monkeypatch.setattr(train, "write_report", lambda run, summary, examples: run.path / "report.md")
+    _, cfg = compose(["experiment=tiny", f"run.dir={tmp_path / 'run'}", "run.iterations=1"])
+    return cfg
+
+
+def test_a_driver_killed_after_appending_an_iterations_records_does_not_append_them_again(stubbed, monkeypatch):
+    mark_done = RunDir.mark_done
+
+    def killed_before_eval_is_marked(run: RunDir, t: int, stage: str) -> None:
+        if (t, stage) == (1, "eval"):
+            raise _Killed
+        mark_done(run, t, stage)
+
+    with monkeypatch.context() as m:
+        m.setattr(RunDir, "mark_done", killed_before_eval_is_marked)
+        with pytest.raises(_Killed):
+            train.run_sppo(stubbed)
+    run = train.run_sppo(stubbed)  # the same command again
+
+    assert run.done(1, "eval")
+    assert [(m["kind"], m.get("step")) for m in run.metrics()] == [("step", 1), ("step", 2), ("iteration", None)]
