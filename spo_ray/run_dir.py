@@ -8,7 +8,8 @@
       iter_<t>/policy/          π_t;  iter_<t>/eval.json;  iter_<t>/answers.json
       iter_<t>/train_metrics.jsonl  iter_<t>/learner_summary.json
       iter_<t>/model_outputs.json  iter_<t>/mt_bench_answers.jsonl  (answer files, evaluate.py)
-      iter_<t>/checkpoints/step_<n>/  the learner's last step checkpoint (DeepSpeed + position.json)
+      iter_<t>/checkpoints/step_<n>/  the learner's last step checkpoint (DeepSpeed + position.json),
+                                      removed once the `train` stage is done
 
 A stage counts as finished only once `manifest.json` says so; the manifest is replaced
 atomically (write-then-rename) after the stage's files are complete, so a crash never

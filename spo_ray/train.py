@@ -15,6 +15,7 @@ same `run.dir` resumes after the last finished one.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -326,6 +327,10 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
                 stream_and_train(cfg, run, batch, policy, t, engines)
                 run.mark_done(t, "train")
                 maybe_fail("driver_after_train")  # fault injection (spo_ray/faults.py)
+            # Train is done: later stages read π_t (iter_t/policy); the step checkpoints (weights
+            # and optimizer state, tens of GB at 7B) only served its resume. Here, not inside the
+            # `if`, so a driver killed right after marking train done removes them on restart.
+            shutil.rmtree(run.iter_dir(t) / "checkpoints", ignore_errors=True)
             summary = run.read_json(f"iter_{t}/learner_summary.json")
             train_s = time.time() - start
             policy = str(run.policy(t))

@@ -66,3 +66,25 @@ def test_a_driver_killed_after_appending_an_iterations_records_does_not_append_t
 
     assert run.done(1, "eval")
     assert [(m["kind"], m.get("step")) for m in run.metrics()] == [("step", 1), ("step", 2), ("iteration", None)]
+
+
+def test_the_step_checkpoints_are_removed_once_train_is_done_and_pi_t_is_kept(stubbed, monkeypatch):
+    def killed_after_train(site: str) -> None:
+        if site == "driver_after_train":
+            raise _Killed
+
+    def killed_in_eval(cfg, run: RunDir, held_out, policy, t: int) -> dict:
+        raise _Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(train, "maybe_fail", killed_after_train)
+        with pytest.raises(_Killed):  # right after marking train done
+            train.run_sppo(stubbed)
+    checkpoints = RunDir(stubbed.run.dir).iter_dir(1) / "checkpoints"
+    with monkeypatch.context() as m:
+        m.setattr(train, "evaluate", killed_in_eval)
+        with pytest.raises(_Killed):  # the restart skips train and dies in eval
+            train.run_sppo(stubbed)
+    run = RunDir(stubbed.run.dir)
+    assert run.done(1, "train") and run.policy(1).is_dir()
+    assert not checkpoints.exists()
