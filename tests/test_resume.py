@@ -116,6 +116,14 @@ def test_pairs_the_tokenizer_failed_on_before_a_checkpoint_are_still_counted_aft
     assert restore(_Engine(), tmp_path, rank=0)[0] == Position(step=2, prompts_truncated=1, responses_truncated=3)
 
 
+def test_the_eta_after_a_resume_counts_only_the_steps_this_attempt_took():
+    from spo_ray.learner.loop import LearnerSummary, _eta_s
+
+    resumed = LearnerSummary(steps=12, resumed_from_step=10)  # 2 steps in 20 s, 8 to go
+    assert _eta_s(20.0, resumed, total_steps=20) == 80.0
+    assert _eta_s(20.0, LearnerSummary(steps=2), total_steps=20) == 180.0
+
+
 def _split_equally(ds, workers: int) -> list[list[str]]:
     """What each of `workers` learner workers receives (Ray Train splits with equal=True)."""
     from concurrent.futures import ThreadPoolExecutor

@@ -135,6 +135,12 @@ def _all_gather(obj, world: int) -> list:
     return out
 
 
+def _eta_s(elapsed_s: float, summary: LearnerSummary, total_steps: int) -> float:
+    """Seconds to `total_steps` at this attempt's pace: `elapsed_s` covers only the steps
+    taken since the resume, not those before the checkpoint."""
+    return elapsed_s / max(1, summary.steps - summary.resumed_from_step) * max(0, total_steps - summary.steps)
+
+
 def _restored_stats(position: Position, rank: int) -> TokenStats:
     """The token counts up to the checkpoint, held by rank 0 alone (the ranks' counts are
     summed at the end, so each is counted once)."""
@@ -270,7 +276,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
                 if summary.steps % cfg.run.log_every == 0:
-                    eta = (time.time() - started) / summary.steps * max(0, total_steps - summary.steps)
+                    eta = _eta_s(time.time() - started, summary, total_steps)
                     print(
                         f"[learner] iter {record['iteration']} epoch {epoch + 1}/{l.epochs} "
                         f"step {summary.steps}/≤{total_steps} loss {record['loss']:.4g} "
