@@ -17,6 +17,7 @@ local Ray, so a Ray upgrade that renames one fails there rather than hanging a r
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import ray
 
@@ -63,9 +64,11 @@ def _pool_shortfall(name: str, pool: PoolConfig) -> str | None:
     return None
 
 
-def explain_timeout(err: BaseException, cfg: Config, iteration: int) -> TimeoutError | None:
+def explain_timeout(err: BaseException, cfg: Config, iteration: int, engines: bool = False) -> TimeoutError | None:
     """A TimeoutError naming what did not start in time, when `err` is one of Ray's start
-    timeouts (it may be nested in a Ray Train or Ray Data error); None for any other error."""
+    timeouts (it may be nested in a Ray Train or Ray Data error); None for any other error.
+    `engines`: the stream ran on the run's rollout engines, so its RolloutStage actors
+    reserved nothing (the engines' own start is `pool_start_timeout`)."""
     text = f"{err!r} {err}"
     cause = err.__cause__
     while cause is not None:
@@ -73,10 +76,10 @@ def explain_timeout(err: BaseException, cfg: Config, iteration: int) -> TimeoutE
         cause = cause.__cause__
     c, t = cfg.cluster, cfg.run.timeouts
     if _ACTOR_START_TEXT in text:
-        return _start_timeout(cfg, iteration, {
-            "rollout": ("RolloutStage", c.rollout, f"the policy ({cfg.rollout.engine} engine)"),
-            "judge": ("JudgeStage", c.judge, f"the {cfg.judge.name} judge"),
-        })
+        rollout = ("RolloutStage", c.rollout, f"the policy ({cfg.rollout.engine} engine)")
+        if engines:
+            rollout = ("RolloutStage", replace(c.rollout, num_cpus=0, num_gpus=0), "a lease on a rollout engine")
+        return _start_timeout(cfg, iteration, {"rollout": rollout, "judge": ("JudgeStage", c.judge, f"the {cfg.judge.name} judge")})
     if _TRAINER_START_TEXT in text:
         l = c.learner
         return TimeoutError(

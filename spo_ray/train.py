@@ -184,11 +184,11 @@ def stream_and_train(
                 engines.sleep(level=2)
         result = make_trainer(cfg, run, pairs, policy_path, t, len(prompts), **push).fit()
     except Exception as err:
-        if (timeout := explain_timeout(err, cfg, t)) is None:
+        if (timeout := explain_timeout(err, cfg, t, engines is not None)) is None:
             raise
         raise timeout from err
     if result.error:
-        raise explain_timeout(result.error, cfg, t) or RuntimeError(
+        raise explain_timeout(result.error, cfg, t, engines is not None) or RuntimeError(
             f"iteration {t}: the learner failed (after up to learner.max_failures={cfg.learner.max_failures} restarts): "
             f"{result.error}; the same command with the same run.dir resumes from {run.iter_dir(t) / 'checkpoints'}"
         ) from result.error
