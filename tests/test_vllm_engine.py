@@ -1,8 +1,13 @@
-"""VLLMEngine on CPU, against a stand-in `vllm` module injected through sys.modules.
+"""VLLMEngine's GPU-only paths, against a stand-in `vllm` module injected through sys.modules.
 
-The stand-in records every call, refuses keyword arguments that `VLLM_API` does not list
-(benchmarks/check_vllm_api.py checks that list against a real vLLM), and returns objects
-shaped like vLLM's RequestOutput / CompletionOutput. vLLM itself and NCCL are not run.
+What runs on this CPU is tested on real vLLM (tests/rollout/test_vllm_real.py: generation,
+in-place reload, the gloo broadcast, sleep/wake without sleep mode, crash clean-up). The
+stand-in stands for a vLLM on a CUDA platform, for what cannot run here: the engine
+arguments of a GPU preset, CUDA sleep mode (memory freed and restored by tags), the NCCL
+sync calls, and an in-place reload that fails or hangs (the rebuild fallback and its
+timeout: a real vLLM cannot be made to hang on demand). It records every call and refuses
+keyword arguments that `VLLM_API` does not list (benchmarks/check_vllm_api.py checks that
+list against the installed vLLM, in tests/rollout/test_vllm_real.py).
 """
 
 from __future__ import annotations
@@ -13,16 +18,13 @@ import types
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
 from spo_ray.rollout.base import SamplingConfig
-from spo_ray.rollout.hf import format_prompt
 from spo_ray.rollout.vllm import EXTENSION, VLLM_API, SpoWorkerExtension, VLLMEngine
 from spo_ray.rollout.weight_sync import SyncGroupSpec, TensorMeta, WeightPlan
 from tests.conftest import compose
 
 CALLS = {u.target: set(u.names) for u in VLLM_API if u.kind == "call"}
-FIELDS = {u.target: set(u.names) for u in VLLM_API if u.kind in ("fields", "attrs")}
 
 
 def _checked(target: str, kwargs: dict) -> dict:
@@ -32,24 +34,6 @@ def _checked(target: str, kwargs: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- the stand-in
-@dataclass
-class CompletionOutput:
-    index: int
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-
-
-@dataclass
-class RequestOutput:
-    outputs: list[CompletionOutput]
-
-
-class SamplingParams:
-    def __init__(self, **kwargs) -> None:
-        self.kwargs = _checked("vllm.SamplingParams", kwargs)
-
-
 @dataclass
 class Behaviour:
     """What the stand-in does on the calls a test cares about."""
@@ -74,25 +58,6 @@ class LLM:
 
     def _shutdown(self) -> None:
         self.shut_down = True
-
-    def generate(self, **kwargs) -> list[RequestOutput]:
-        kwargs = _checked("vllm.LLM.generate", kwargs)
-        self.calls.append(("generate", kwargs))
-        n = kwargs["sampling_params"].kwargs["n"]
-        outputs = []
-        for i, _prompt in enumerate(kwargs["prompts"]):
-            # Completions out of order: the engine must sort them by index.
-            completions = [
-                CompletionOutput(
-                    index=j,
-                    text=f"  answer {i}.{j}\n",
-                    token_ids=list(range(j + 2)),
-                    finish_reason="length" if j % 2 else "stop",
-                )
-                for j in reversed(range(n))
-            ]
-            outputs.append(RequestOutput(outputs=completions))
-        return outputs
 
     def collective_rpc(self, method, **kwargs) -> list:
         kwargs = _checked("vllm.LLM.collective_rpc", kwargs)
@@ -120,10 +85,12 @@ def fake_vllm(monkeypatch):
     module = types.ModuleType("vllm")
     module.__version__ = "0.0.0-fake"
     module.LLM = LLM
-    module.SamplingParams = SamplingParams
+    platforms = types.ModuleType("vllm.platforms")  # a CUDA platform: no CPU settings, sleep mode
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: False, is_sleep_mode_available=lambda: True)
     LLM.built = []
     LLM.behaviour = Behaviour()
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     yield module
     LLM.behaviour.release.set()  # let abandoned threads finish
 
@@ -174,65 +141,6 @@ def test_from_config_builds_llm_from_conf(fake_vllm, tokenizer_dir, colocate):
     )
     assert engine.max_prompt_tokens == cfg.learner.max_prompt_length
     assert engine.reload_timeout_s == cfg.run.timeouts.weight_reload_s
-
-
-def test_max_model_len_none_is_left_to_vllm(fake_vllm, tokenizer_dir):
-    _engine(tokenizer_dir, max_model_len=None)
-    assert "max_model_len" not in LLM.built[0].kwargs
-
-
-def test_request_mapping(fake_vllm, tokenizer_dir):
-    engine = _engine(tokenizer_dir)
-    engine.generate(["hi", "what is 2+2?"], SAMPLING)
-    (_, call), = LLM.built[0].calls
-    assert call["sampling_params"].kwargs == dict(n=3, temperature=0.7, top_p=0.9, max_tokens=16, seed=123)
-    assert call["use_tqdm"] is False
-    tok = engine.tokenizer
-    for prompt, sent in zip(["hi", "what is 2+2?"], call["prompts"]):
-        templated = format_prompt(tok, prompt)
-        assert templated.startswith("<|user|>") and templated.endswith("<|assistant|>\n")
-        assert sent == {"prompt_token_ids": tok(templated, add_special_tokens=False)["input_ids"]}
-
-
-def test_prompts_are_cut_like_hf_engine(fake_vllm, tokenizer_dir):
-    engine = _engine(tokenizer_dir, max_prompt_tokens=5)
-    engine.generate(["a rather long prompt"], SAMPLING)
-    (_, call), = LLM.built[0].calls
-    assert len(call["prompts"][0]["prompt_token_ids"]) == 5
-
-
-def test_response_mapping(fake_vllm, tokenizer_dir):
-    rollouts = _engine(tokenizer_dir).generate(["hi", "there"], SAMPLING)
-    assert len(rollouts) == 2
-    second = rollouts[1]
-    assert second.responses == ["answer 1.0", "answer 1.1", "answer 1.2"]  # stripped, by index
-    assert second.num_tokens == [2, 3, 4]  # len(token_ids): EOS included
-    assert second.truncated == [False, True, False]  # finish_reason == "length"
-
-
-def test_greedy_sends_one_sample_and_repeats_it(fake_vllm, tokenizer_dir):
-    greedy = SamplingConfig(num_samples=3, temperature=0.0, top_p=0.9, max_new_tokens=8, seed=0)
-    (rollout,) = _engine(tokenizer_dir).generate(["hi"], greedy)
-    (_, call), = LLM.built[0].calls
-    assert call["sampling_params"].kwargs["n"] == 1 and call["sampling_params"].kwargs["top_p"] == 1.0
-    assert rollout.responses == ["answer 0.0"] * 3
-
-
-def test_no_prompts_no_call(fake_vllm, tokenizer_dir):
-    engine = _engine(tokenizer_dir)
-    assert engine.generate([], SAMPLING) == []
-    assert LLM.built[0].calls == []
-
-
-def test_load_weights_in_place(fake_vllm, tokenizer_dir):
-    engine = _engine(tokenizer_dir)
-    engine.load_weights(tokenizer_dir + "/")
-    assert len(LLM.built) == 1  # no rebuild
-    names = [c[0] if c[0] != "collective_rpc" else c[1] for c in LLM.built[0].calls]
-    assert names == ["spo_load_checkpoint", "reset_prefix_cache"]
-    rpc = LLM.built[0].calls[0][2]
-    assert rpc["args"] == (tokenizer_dir + "/",) and rpc["timeout"] == engine.reload_timeout_s
-    assert engine.path == tokenizer_dir + "/"
 
 
 def test_load_weights_rebuilds_when_in_place_fails(fake_vllm, tokenizer_dir):
@@ -298,101 +206,17 @@ def test_nccl_sync_calls(fake_vllm, tokenizer_dir):
 
 
 # ----------------------------------------------------------------------------- worker side
-class HFModelLoader:
-    """Stands in for a vLLM model: `load_weights(weights)` copies checkpoint-named tensors."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.calls = 0
-
-    def load_weights(self, *, weights) -> set[str]:
-        _checked("vllm.model_executor.models.llama.LlamaForCausalLM.load_weights", {"weights": weights})
-        self.calls += 1
-        params = dict(self.model.named_parameters())
-        loaded = set()
-        with torch.no_grad():
-            for name, tensor in weights:
-                params[name].copy_(tensor)
-                loaded.add(name)
-        return loaded
-
-
-class FakeWorker(SpoWorkerExtension):
-    """What SpoWorkerExtension uses of vLLM's GPU worker: get_model, rank, device."""
-
-    def __init__(self, model: torch.nn.Module, rank: int = 0, device: str = "cpu") -> None:
-        assert {"get_model", "rank", "device"} <= FIELDS["vllm.v1.worker.gpu_worker.Worker"]
-        self.loader = HFModelLoader(model)
-        self.rank, self.device = rank, torch.device(device)
-
-    def get_model(self) -> HFModelLoader:
-        return self.loader
-
-
-def tiny_llama(seed: int):
-    from types import SimpleNamespace
-
-    from spo_ray.modeling import build_random_policy
-    from tests.conftest import TINY_SPEC
-
-    return build_random_policy(SimpleNamespace(**TINY_SPEC), seed=seed)[0]
-
-
 def test_extension_names_cannot_clash_with_vllm_worker():
     names = [n for n in vars(SpoWorkerExtension) if not n.startswith("__")]
     assert names and all(n.startswith("spo_") for n in names)
 
 
-def test_worker_extension_loads_a_checkpoint_in_place(tiny_policy):
-    from spo_ray.modeling import load_policy
+def test_cpu_bind_env_names_every_core_this_process_may_use():
+    import os
 
-    worker = FakeWorker(tiny_llama(seed=99))
-    count = worker.spo_load_checkpoint(tiny_policy)
-    expected = load_policy(tiny_policy).state_dict()
-    got = worker.loader.model.state_dict()
-    assert count == len(expected)
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0)
+    from spo_ray.rollout.vllm import cpu_bind_env
 
-
-class _LoopbackGroup:
-    """One side of a sync group whose rank-0 sender is this test: broadcast fills the
-    buffer with the next flattened bucket."""
-
-    def __init__(self, flats: list[torch.Tensor]) -> None:
-        self.flats = flats
-        self.device = torch.device("cpu")
-        self.closed = False
-
-    def broadcast(self, tensor: torch.Tensor) -> None:
-        tensor.copy_(self.flats.pop(0))
-
-    def close(self) -> None:
-        self.closed = True
-
-
-def test_worker_extension_receives_a_broadcast(monkeypatch):
-    from spo_ray.rollout import weight_sync
-
-    source = tiny_llama(seed=1)
-    plan = weight_sync.plan_for_module(source, "float32", bucket_bytes=4096)
-    params = dict(source.named_parameters())
-    flats = [torch.cat([params[m.name].detach().reshape(-1) for m in b]) for b in plan.buckets]
-    joined = {}
-
-    def create_sync_group(spec, rank, device):
-        joined.update(spec=spec, rank=rank, device=device)
-        return _LoopbackGroup(flats)
-
-    monkeypatch.setattr(weight_sync, "create_sync_group", create_sync_group)
-    worker = FakeWorker(tiny_llama(seed=2), rank=1)  # TP rank 1 of an engine at offset 3
-    spec = SyncGroupSpec("127.0.0.1", 1234, 5, "gloo", 10.0)
-    worker.spo_init_weight_sync(spec.to_dict(), 3)
-    assert joined == dict(spec=spec, rank=4, device=torch.device("cpu"))
-    assert worker.spo_receive_weights(plan.to_dict()) == plan.num_tensors
-    assert worker.loader.calls == len(plan.buckets) > 1
-    for name, tensor in source.state_dict().items():
-        torch.testing.assert_close(worker.loader.model.state_dict()[name], tensor, rtol=0, atol=0)
-    group = worker.spo_sync_group
-    worker.spo_close_weight_sync()
-    assert group.closed and worker.spo_sync_group is None
+    cores = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    assert cpu_bind_env("all") == {"VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_bind_env("0-3") == {"VLLM_CPU_OMP_THREADS_BIND": "0-3", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    assert cpu_bind_env("auto") == {}  # vLLM's own choice

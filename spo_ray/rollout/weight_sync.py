@@ -269,18 +269,36 @@ def unflatten_bucket(flat: torch.Tensor, bucket: Sequence[TensorMeta]) -> list[t
     return [(m.name, part.view(m.shape)) for m, part in zip(bucket, flat.split(sizes))]
 
 
-def receive_weights(
-    plan: WeightPlan, group: SyncGroup, load: Callable[[list[tuple[str, torch.Tensor]]], object]
-) -> int:
-    """Receive every bucket from rank 0 and pass it to `load` (e.g. the model's
-    `load_weights`); returns the number of tensors loaded."""
+def received_tensors(plan: WeightPlan, group: SyncGroup) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of the broadcast, in plan order; each bucket is
+    received from rank 0 when the consumer reaches it, so one bucket is resident at a time
+    (more only if the consumer keeps references, as vLLM's layer-wise reload does until a
+    layer is complete)."""
     dtype = DTYPES[plan.dtype]
-    count = 0
     for bucket in plan.buckets:
         flat = torch.empty(sum(m.numel for m in bucket), dtype=dtype, device=group.device)
         group.broadcast(flat)
-        load(unflatten_bucket(flat, bucket))
-        count += len(bucket)
+        yield from unflatten_bucket(flat, bucket)
+
+
+def receive_weights(
+    plan: WeightPlan, group: SyncGroup, load: Callable[[Iterator[tuple[str, torch.Tensor]]], object]
+) -> int:
+    """Receive every bucket from rank 0 and pass the tensors to `load` as one iterator (a
+    model's `load_weights`, or vLLM's `reload_weights`); returns the number of tensors
+    received. Buckets `load` left unread are still received, so the sender never waits."""
+    tensors = received_tensors(plan, group)
+    count = 0
+
+    def counted() -> Iterator[tuple[str, torch.Tensor]]:
+        nonlocal count
+        for item in tensors:
+            count += 1
+            yield item
+
+    load(counted())
+    for _ in counted():  # drain: the broadcast has a fixed number of buckets
+        pass
     return count
 
 
