@@ -348,7 +348,8 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
             run.mark_done(t, "eval")
             print(
                 f"[spo_ray] iteration {t}: {summary['pairs']} pairs (skipped {summary['skipped'] or 0}), "
-                f"win rate vs π_0 {record['win_rate']:.3f} [{record['win_rate_ci'][0]:.3f}, {record['win_rate_ci'][1]:.3f}], "
+                f"win rate vs π_0 {record['win_rate']:.3f} [{record['win_rate_ci'][0]:.3f}, {record['win_rate_ci'][1]:.3f}] "
+                f"({record['wins']} wins, {record['ties']} ties, {record['losses']} losses, {record['judge_nan']} judge NaN), "
                 f"avg length {record['avg_length']:.1f}",
                 flush=True,
             )

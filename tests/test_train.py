@@ -33,7 +33,7 @@ def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=No
 
 def _fake_evaluate(cfg, run: RunDir, held_out, policy, t: int) -> dict:
     run.write_json(f"iter_{t}/answers.json", {"answers": [f"answer {t}"] * len(held_out), "lengths": [3] * len(held_out)})
-    return {"win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "avg_length": 3.0}
+    return {"win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "avg_length": 3.0, "wins": 1, "ties": 0, "losses": 1, "judge_nan": 0, "n": 2}
 
 
 @pytest.fixture
