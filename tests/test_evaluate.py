@@ -106,3 +106,20 @@ def test_non_finite_judgement_is_no_outcome(value):
     # A non-finite margin is None (counted as judge_nan), not a tie; identical answers
     # still tie without the judge's word.
     assert judge_outcomes(BrokenJudge(), ["p", "q", "r"], ["a", "same", "ccc"], ["b", "same", "c"]) == [None, 0.5, None]
+
+
+def test_the_readme_smollm2_counts_follow_from_the_stored_records():
+    """benchmarks/results/smollm2_sppo/iterations.json holds win_rate, ties and n (the run
+    predates wins and losses): win_rate · n = wins + ties/2, so wins and losses follow."""
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    for r in json.loads((repo / "benchmarks/results/smollm2_sppo/iterations.json").read_text()):
+        wins = round(r["win_rate"] * r["n"] - r["ties"] / 2)
+        losses = r["n"] - wins - r["ties"]
+        lo, hi = wilson_interval(r["win_rate"], r["n"])
+        row = f"**{r['win_rate']:.3f}** [{lo:.3f}, {hi:.3f}] | {wins} / {r['ties']} / {losses} |"
+        assert row in readme, row
+    assert "win rate 0.588 (89 wins, 57 ties, 54 losses)" in readme
