@@ -1,16 +1,21 @@
 """Win rate of π_t against π_0 on held-out prompts, judged in both orders.
 
 Each held-out prompt gives one outcome for π_t: 1 (win), 0 (loss) or ½ (tie: the judge's
-two-order logit sum is 0, or both answers are identical). The win rate is the mean
-outcome with a normal-approximation 95 % interval, clipped to [0, 1].
+two-order margin is 0, or both answers are identical), or none at all when the judge's
+margin is not finite (NaN/inf): such a prompt is counted as `judge_nan` and left out of
+the win rate rather than passed off as a tie.
+
+The win rate is the mean outcome, (wins + ties/2) / n over the n judged prompts, with a
+95 % Wilson score interval on that tie-adjusted proportion (see `win_rate`).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from spo_ray.judge.base import Judge
 from spo_ray.rollout.base import Engine, Prompt, SamplingConfig
@@ -18,12 +23,21 @@ from spo_ray.rollout.base import Engine, Prompt, SamplingConfig
 if TYPE_CHECKING:
     from spo_ray.config import Config
 
+log = logging.getLogger(__name__)
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5 % quantile
+
 
 @dataclass(frozen=True)
 class WinRate:
+    """`n` = wins + ties + losses, the judged prompts; `judge_nan` prompts are not in it."""
+
     win_rate: float
     win_rate_ci: tuple[float, float]
+    wins: int
     ties: int
+    losses: int
+    judge_nan: int
     n: int
 
     def as_dict(self) -> dict:
@@ -32,30 +46,70 @@ class WinRate:
         return d
 
 
-def win_rate(outcomes: Sequence[float], z: float = 1.959963984540054) -> WinRate:
-    """Mean outcome and its 95 % interval: mean ± z·s/√n, s the sample standard deviation."""
-    n = len(outcomes)
-    if n == 0:
+def wilson_interval(p: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a proportion p observed over n trials:
+
+        (p + z²/2n ± z·√(p(1−p)/n + z²/4n²)) / (1 + z²/n)
+
+    Unlike p ± z·√(p(1−p)/n) (Wald) it stays inside [0, 1] and keeps a non-zero width
+    when p is 0 or 1, and it covers close to 95 % at the n = 16–200 used here."""
+    if n <= 0:
+        raise ValueError(f"a Wilson interval needs n ≥ 1 trials, got n={n}")
+    z2 = z * z
+    denom = 1 + z2 / n
+    center = (p + z2 / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def win_rate(outcomes: Sequence[Optional[float]], z: float = Z_95) -> WinRate:
+    """Win rate and its 95 % interval from per-prompt outcomes (1, ½, 0, or None for a
+    non-finite judgement, which is counted in `judge_nan` and left out).
+
+    Ties count ½: the win rate is p = (wins + ties/2) / n with n the judged prompts, and the
+    interval is Wilson's on that p with the same n. This treats the tie-adjusted proportion
+    as if it came from n win/loss trials; a tie has less variance (0 around ½) than a win or
+    a loss, so with ties the interval is somewhat conservative (wider), never narrower.
+    """
+    if not outcomes:
         raise ValueError("no outcomes to compute a win rate from")
-    if any(o not in (0.0, 0.5, 1.0) for o in outcomes):
-        raise ValueError("outcomes must be 0, 0.5 or 1")
-    mean = sum(outcomes) / n
-    var = sum((o - mean) ** 2 for o in outcomes) / (n - 1) if n > 1 else 0.0
-    half = z * math.sqrt(var / n)
-    return WinRate(mean, (max(0.0, mean - half), min(1.0, mean + half)), sum(o == 0.5 for o in outcomes), n)
+    if any(o not in (0.0, 0.5, 1.0, None) for o in outcomes):
+        raise ValueError(f"outcomes must be 0, 0.5, 1 or None (non-finite judgement), got {sorted(set(outcomes), key=str)}")
+    wins, ties, losses = (sum(o == v for o in outcomes) for v in (1.0, 0.5, 0.0))
+    judge_nan = sum(o is None for o in outcomes)
+    n = wins + ties + losses
+    if n == 0:
+        raise ValueError(
+            f"all {judge_nan} judgements were non-finite (NaN/inf margins), so there is no win rate; "
+            "check the judge (its dtype, its inputs) on a few of the held-out answers"
+        )
+    p = (wins + ties / 2) / n
+    return WinRate(p, wilson_interval(p, n, z), wins, ties, losses, judge_nan, n)
 
 
-def judge_outcomes(judge: Judge, prompts: Sequence[str], answers: Sequence[str], baseline: Sequence[str]) -> list[float]:
-    """Outcome of `answers` against `baseline` per prompt, both orders presented to the judge."""
-    forward = judge.batch_pairwise_logits(prompts, [[a, b] for a, b in zip(answers, baseline)])
-    backward = judge.batch_pairwise_logits(prompts, [[b, a] for a, b in zip(answers, baseline)])
-    outcomes = []
-    for a, b, m1, m2 in zip(answers, baseline, forward, backward):
-        margin = float(m1[0, 1] - m1[1, 0] + m2[1, 0] - m2[0, 1])
-        if a == b or margin == 0 or not math.isfinite(margin):
+def judge_outcomes(judge: Judge, prompts: Sequence[str], answers: Sequence[str], baseline: Sequence[str]) -> list[Optional[float]]:
+    """Outcome of `answers` against `baseline` per prompt, both orders presented to the judge.
+
+    One batched call: for the responses [answer, baseline] the judge's matrix M holds
+    M[0, 1] (answer shown first) and M[1, 0] (baseline shown first), so the margin
+    M[0, 1] − M[1, 0] already has both orders and a first-position bias cancels.
+    None where that margin is not finite.
+    """
+    logits = judge.batch_pairwise_logits(prompts, [[a, b] for a, b in zip(answers, baseline)])
+    outcomes: list[Optional[float]] = []
+    for a, b, m in zip(answers, baseline, logits):
+        margin = float(m[0, 1] - m[1, 0])
+        if a == b:  # identical answers tie whatever the judge says
+            outcomes.append(0.5)
+        elif not math.isfinite(margin):
+            outcomes.append(None)
+        elif margin == 0:
             outcomes.append(0.5)
         else:
             outcomes.append(1.0 if margin > 0 else 0.0)
+    nan = sum(o is None for o in outcomes)
+    if nan:
+        log.warning("the judge gave %d of %d held-out pairs a non-finite margin: counted as judge_nan, left out of the win rate", nan, len(outcomes))
     return outcomes
 
 
@@ -97,7 +151,7 @@ def mt_bench_answers(
 def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None) -> dict:
     """Answers of the policy at `policy_path` on the held-out prompts (and MT-Bench's
     questions when `evaluate.mt_bench_source` is set) and, given π_0's answers, the judged
-    win rate: `win_rate`, `win_rate_ci`, `avg_length`, `ties`, `n`.
+    win rate: `win_rate`, `win_rate_ci`, `wins`, `ties`, `losses`, `judge_nan`, `n`, `avg_length`.
 
     The judge is the training stream's (`cfg.judge`); a reference-guided judge gets each
     held-out prompt's reference answer. Runs as one Ray task (resources from

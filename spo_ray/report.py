@@ -99,15 +99,19 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
         "a and b are the mean log-ratios log π_θ/π_t of the chosen and rejected responses over the "
         "iteration's steps: a rising with b falling is preference learning; both rising is sharpening.",
         "",
-        "| t | pairs | skipped | loss | a (chosen) | b (rejected) | margin a−b | win rate vs π_0 [95 % CI] | ties | avg length (tokens) | stream+train s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "The win rate of π_t against π_0 is (wins + ties/2) / n over the n held-out prompts the judge "
+        "gave a finite margin, with a 95 % Wilson interval; prompts with a NaN/inf margin are counted "
+        "under judge NaN and left out.",
+        "",
+        "| t | pairs | skipped | loss | a (chosen) | b (rejected) | margin a−b | win rate vs π_0 [95 % CI] | wins / ties / losses | judge NaN | avg length (tokens) | stream+train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(r["skipped"].items())) or "0"
         lines.append(
             f"| {r['iteration']} | {r['pairs']} | {skipped} | {r['loss']:.4g} | {r['chosen_logratio']:+.3f} | "
             f"{r['rejected_logratio']:+.3f} | {r['margin']:+.3f} | {r['win_rate']:.3f} "
-            f"[{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}] | {r['ties']}/{r['n']} | "
+            f"[{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}] | {_outcome_counts(r)} | {r.get('judge_nan', '?')} | "
             f"{r['avg_length']:.1f} (π_0: {r['baseline_avg_length']:.1f}) | {r['train_s']:.0f} | {r['eval_s']:.0f} |"
         )
     if rows:
@@ -150,6 +154,14 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out)  # a run killed mid-write keeps the previous report whole
     return out
+
+
+def _outcome_counts(r: dict) -> str:
+    """`wins / ties / losses`; records written before wins and losses were counted (a run
+    directory resumed across the change) have ties and n only."""
+    if "wins" not in r:
+        return f"? / {r['ties']} / ? (n={r['n']})"
+    return f"{r['wins']} / {r['ties']} / {r['losses']}"
 
 
 # What happens to a prompt or pair that cannot be used as it is (README: "Bad data").

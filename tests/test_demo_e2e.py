@@ -41,7 +41,7 @@ def test_smollm2_demo_writes_eval_answer_files_and_report(ray_session, tmp_path_
     assert len(split["held_out"]) == 4 and not set(split["held_out"]) & set(split["train"])
 
     ev = json.loads((run / "iter_1" / "eval.json").read_text())
-    assert set(ev) >= {"win_rate", "win_rate_ci", "avg_length", "ties", "n"} and ev["n"] == 4
+    assert set(ev) >= {"win_rate", "win_rate_ci", "avg_length", "wins", "ties", "losses", "judge_nan", "n"} and ev["n"] == 4
     for t in (0, 1):
         outputs = json.loads((run / f"iter_{t}" / "model_outputs.json").read_text())
         assert len(outputs) == 4 and outputs[0]["generator"] == f"smollm2_demo-pi_{t}"

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from spo_ray.data.prompts import iteration_prompts, load_prompts, split_prompts
+from spo_ray.data.prompts import iteration_prompts, load_prompts, prompt_reuse, split_prompts
 
 
 def _jsonl(path, rows):
@@ -76,3 +76,25 @@ def test_iteration_slices_are_new_prompts_each_iteration_and_wrap():
     assert ids(1) == ["0", "1", "2", "3"] and ids(2) == ["4", "5", "6", "7"]
     assert ids(3) == ["8", "9", "0", "1"]
     assert len(iteration_prompts(train, 1, None)) == 10
+
+
+@pytest.mark.parametrize(
+    ("train", "per_iteration", "iterations", "drawn", "distinct"),
+    [
+        (10, 4, 3, 12, 10),  # slices 0-3, 4-7, 8-9+0-1: prompts 0 and 1 twice
+        (10, 4, 6, 24, 10),  # 24 draws of 10 prompts: 14 repeats
+        (10, 12, 2, 20, 10),  # more than there are: all 10 in each iteration
+    ],
+)
+def test_prompt_reuse_counts_the_repeated_prompts(train, per_iteration, iterations, drawn, distinct):
+    rows = [{"prompt_id": str(i)} for i in range(train)]
+    used = [r["prompt_id"] for t in range(1, iterations + 1) for r in iteration_prompts(rows, t, per_iteration)]
+    reuse = prompt_reuse(train, per_iteration, iterations)
+    assert (reuse.drawn, reuse.distinct, reuse.repeated) == (len(used), len(set(used)), len(used) - len(set(used)))
+    assert (reuse.drawn, reuse.distinct) == (drawn, distinct)
+    assert f"{drawn - distinct} of the {drawn} prompts" in reuse.describe()
+
+
+def test_prompt_reuse_is_none_when_every_iteration_has_new_prompts():
+    assert prompt_reuse(10, 5, 2) is None  # exactly all of them, once
+    assert prompt_reuse(10, None, 3) is None  # all prompts every iteration, by choice

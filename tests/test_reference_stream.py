@@ -176,7 +176,7 @@ def test_evaluate_policy_judges_with_the_held_out_references(tiny_policy):
     references = ["Paris is the capital of France.", "Water boils at 100 degrees Celsius at sea level."]
     held_out = [{"prompt_id": f"p{n}", "prompt": f"q{n}", "reference": r} for n, r in enumerate(references)]
     result = evaluate_policy(cfg, tiny_policy, held_out, baseline=list(references))
-    assert {"win_rate", "win_rate_ci", "avg_length", "ties", "n", "answers", "lengths"} <= set(result)
+    assert {"win_rate", "win_rate_ci", "avg_length", "wins", "ties", "losses", "judge_nan", "n", "answers", "lengths"} <= set(result)
     assert result["n"] == 2 and result["win_rate"] == 0.0  # the random policy never beats the reference itself
     with pytest.raises(ValueError, match="reference answers are missing"):
         evaluate_policy(cfg, tiny_policy, [{**held_out[0], "reference": None}], baseline=["x"])

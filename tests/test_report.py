@@ -17,7 +17,7 @@ def _iteration(t: int, win: float) -> dict:
         "kind": "iteration", "iteration": t, "pairs": 30, "skipped": {"all_tied": 2}, "steps": 4,
         "prompts_truncated": 0, "responses_truncated": 5, "loss": 812.5, "chosen_logratio": 0.25,
         "rejected_logratio": -0.5, "margin": 0.75, "win_rate": win, "win_rate_ci": [win - 0.1, win + 0.1],
-        "avg_length": 40.0, "ties": 3, "n": 48, "baseline_avg_length": 41.5, "train_s": 300.0, "eval_s": 60.0,
+        "avg_length": 40.0, "wins": 25, "ties": 3, "losses": 20, "judge_nan": 2, "n": 48, "baseline_avg_length": 41.5, "train_s": 300.0, "eval_s": 60.0,
     }
 
 
@@ -35,7 +35,7 @@ def test_report_tables_plots_and_records(tmp_path):
     examples = [{"prompt": "Say | hi", "baseline": "hello", "answer": "hi\nthere", "iteration": 2}]
     report = write_report(run, {"experiment": "x"}, examples).read_text()
 
-    assert "| 2 | 30 | all_tied: 2 | 812.5 | +0.250 | -0.500 | +0.750 | 0.600 [0.500, 0.700] | 3/48 | 40.0 (π_0: 41.5) | 300 | 60 |" in report
+    assert "| 2 | 30 | all_tied: 2 | 812.5 | +0.250 | -0.500 | +0.750 | 0.600 [0.500, 0.700] | 25 / 3 / 20 | 2 | 40.0 (π_0: 41.5) | 300 | 60 |" in report
     assert "| 1 | 2 | 8 | 800 | +0.200 | -0.400 | +0.600 | 5.00e-06 |" in report  # iteration 1, step 2
     assert "![a, b and a − b per step](logratios.png)" in report and (run.path / "logratios.png").stat().st_size > 1000
     assert (run.path / "win_rate.png").is_file()
@@ -93,3 +93,12 @@ def test_a_report_interrupted_mid_write_leaves_the_previous_report_and_plots_who
     with pytest.raises(KeyboardInterrupt):
         write_report(run, {"experiment": "x"}, [])
     assert {name: (run.path / name).read_bytes() for name in plots} == plots
+
+
+def test_records_from_before_wins_and_losses_were_counted_still_report(tmp_path):
+    # A run directory resumed across the change has iteration records with ties and n only.
+    run = RunDir(tmp_path / "run")
+    old = {k: v for k, v in _iteration(1, 0.55).items() if k not in ("wins", "losses", "judge_nan")}
+    run.append_metrics(old)
+    report = write_report(run, {"experiment": "x"}, []).read_text()
+    assert "| 0.550 [0.450, 0.650] | ? / 3 / ? (n=48) | ? | 40.0 (π_0: 41.5) |" in report

@@ -33,7 +33,7 @@ def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=No
 
 def _fake_evaluate(cfg, run: RunDir, held_out, policy, t: int) -> dict:
     run.write_json(f"iter_{t}/answers.json", {"answers": [f"answer {t}"] * len(held_out), "lengths": [3] * len(held_out)})
-    return {"win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "avg_length": 3.0}
+    return {"win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "avg_length": 3.0, "wins": 1, "ties": 0, "losses": 1, "judge_nan": 0, "n": 2}
 
 
 @pytest.fixture
@@ -88,3 +88,23 @@ def test_the_step_checkpoints_are_removed_once_train_is_done_and_pi_t_is_kept(st
     run = RunDir(stubbed.run.dir)
     assert run.done(1, "train") and run.policy(1).is_dir()
     assert not checkpoints.exists()
+
+
+def test_slices_that_wrap_around_the_training_prompts_are_warned_about_and_reported(tmp_path, caplog):
+    # The tiny set: 64 prompts, 16 held out → 48 train. 30 per iteration × 2 iterations = 60
+    # prompts drawn, 48 distinct: 12 repeat a prompt of iteration 1.
+    _, cfg = compose(["experiment=tiny", f"run.dir={tmp_path / 'run'}", "run.iterations=2", "data.prompts_per_iteration=30"])
+    with caplog.at_level("WARNING", logger="spo_ray"):
+        prompts = train.prepare_prompts(cfg, RunDir(cfg.run.dir))
+    assert len(prompts.train) == 48 and (prompts.reuse.drawn, prompts.reuse.distinct, prompts.reuse.repeated) == (60, 48, 12)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("data.prompts_per_iteration=30 × run.iterations=2 = 60 > the 48 training prompts" in m and "12 of the 60" in m for m in warned)
+    assert "12 of the 60" in train.config_summary(cfg, prompts.reuse)["prompt reuse"]
+
+
+def test_new_slices_every_iteration_are_not_reported(tmp_path, caplog):
+    _, cfg = compose(["experiment=tiny", f"run.dir={tmp_path / 'run'}", "run.iterations=2", "data.prompts_per_iteration=24"])
+    with caplog.at_level("WARNING", logger="spo_ray"):
+        prompts = train.prepare_prompts(cfg, RunDir(cfg.run.dir))
+    assert prompts.reuse is None and not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "prompt reuse" not in train.config_summary(cfg, prompts.reuse)

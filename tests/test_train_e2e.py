@@ -54,7 +54,7 @@ def test_two_iterations_write_the_run_directory_and_resume(ray_session, tmp_path
     assert any(r["kind"] == "step" and "grad_norm" in r and "lr" in r for r in records)
     for t in (1, 2):
         ev = json.loads((run / f"iter_{t}" / "eval.json").read_text())
-        assert set(ev) >= {"win_rate", "win_rate_ci", "avg_length", "ties", "n"} and ev["n"] == 8
+        assert set(ev) >= {"win_rate", "win_rate_ci", "avg_length", "wins", "ties", "losses", "judge_nan", "n"} and ev["n"] == 8
         assert ev["win_rate_ci"][0] <= ev["win_rate"] <= ev["win_rate_ci"][1]
         assert list((run / f"iter_{t}" / "pairs").glob("*.parquet"))
     # the keyword judge's preference is learnable: π_2 beats π_0

@@ -138,9 +138,55 @@ def split_prompts(rows: list[dict], num_eval: int, seed: int) -> tuple[list[dict
     return train, held_out
 
 
+@dataclass(frozen=True)
+class PromptReuse:
+    """The iterations' prompt slices wrap around the training prompts: `iterations` slices
+    of `per_iteration` (at most `train`) cover only `distinct` prompts, so `repeated` of the
+    `drawn` prompts are ones an earlier iteration already trained on."""
+
+    train: int
+    per_iteration: int
+    iterations: int
+
+    @property
+    def drawn(self) -> int:
+        return self.iterations * min(self.per_iteration, self.train)
+
+    @property
+    def distinct(self) -> int:
+        # Consecutive slices cover consecutive positions modulo `train`.
+        return min(self.train, self.iterations * self.per_iteration)
+
+    @property
+    def repeated(self) -> int:
+        return self.drawn - self.distinct
+
+    def describe(self) -> str:
+        if self.per_iteration > self.train:
+            what = f"data.prompts_per_iteration={self.per_iteration} > the {self.train} training prompts: each iteration uses all {self.train}"
+        else:
+            what = (
+                f"data.prompts_per_iteration={self.per_iteration} × run.iterations={self.iterations} = "
+                f"{self.per_iteration * self.iterations} > the {self.train} training prompts: the slices wrap around"
+            )
+        return (
+            f"{what}, so {self.repeated} of the {self.drawn} prompts trained on repeat a prompt of an earlier iteration "
+            "(SPPO takes new prompts each iteration); lower data.prompts_per_iteration or run.iterations, or use more prompts"
+        )
+
+
+def prompt_reuse(train: int, per_iteration: int | None, iterations: int) -> PromptReuse | None:
+    """How the slices of `iteration_prompts` overlap, or None when every iteration's prompts
+    are new (`per_iteration` None means all prompts every iteration, by choice: not reported)."""
+    if per_iteration is None or per_iteration * iterations <= train:
+        return None
+    return PromptReuse(train, per_iteration, iterations)
+
+
 def iteration_prompts(train: list[dict], iteration: int, per_iteration: int | None) -> list[dict]:
     """Prompts of iteration t (1-based): all of them, or the t-th slice of `per_iteration`
-    (wrapping around), as the paper uses new prompts each iteration."""
+    (wrapping around: `prompt_reuse` says how many repeat), as the paper uses new prompts
+    each iteration."""
     if per_iteration is None or per_iteration >= len(train):
         return list(train)
     start = ((iteration - 1) * per_iteration) % len(train)

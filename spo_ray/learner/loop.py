@@ -23,7 +23,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -162,13 +162,53 @@ def _record_stats(position: Position, stats: TokenStats, world: int) -> None:
             position.reasons[reason] = position.reasons.get(reason, 0) + n
 
 
+@dataclass
+class LearnerModels:
+    """What a worker trains with: the policy's DeepSpeed engine (training mode), the
+    frozen reference π_t (eval mode), the tokenizer and the LR schedule."""
+
+    tokenizer: Any
+    engine: Any  # deepspeed.DeepSpeedEngine
+    reference: torch.nn.Module
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def build_models(cfg: Config, policy_path: str, device: torch.device, world: int, total_steps: int) -> LearnerModels:
+    """Policy and reference loaded from `policy_path`, the policy wrapped in a DeepSpeed
+    engine. Needs torch.distributed initialized (Ray Train does it; a test can start a
+    one-process gloo group)."""
+    import deepspeed
+
+    from spo_ray.modeling import load_policy, load_tokenizer
+
+    l = cfg.learner
+    tokenizer = load_tokenizer(policy_path, cfg.model.trust_remote_code)
+    model = load_policy(policy_path, "float32", device, cfg.model.trust_remote_code)
+    reference = load_policy(policy_path, "bfloat16" if l.bf16 else "float32", device, cfg.model.trust_remote_code)
+    reference.eval().requires_grad_(False)  # π_t, frozen for the whole iteration
+    if l.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    optimizer = _optimizer(cfg, model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, l.warmup_ratio))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=build_deepspeed_config(l, world),
+        dist_init_required=False,
+    )
+    # from_pretrained returns the model in eval mode, and transformers recomputes activations
+    # only when `gradient_checkpointing and self.training`: without this, checkpointing is a
+    # no-op (and dropout is off).
+    engine.train()
+    return LearnerModels(tokenizer, engine, reference, scheduler)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Ray Train entry: one iteration's training of π_t into π_{t+1}, resumable
     (spo_ray/learner/resume.py): it starts from the newest step checkpoint, if any."""
-    import deepspeed
     import ray.train
-
-    from spo_ray.modeling import load_policy, load_tokenizer
 
     cfg: Config = loop_config["cfg"]
     policy_path: str = loop_config["policy_path"]
@@ -182,28 +222,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
     torch.manual_seed(cfg.run.seed + rank)
 
-    tokenizer = load_tokenizer(policy_path, cfg.model.trust_remote_code)
-    model = load_policy(policy_path, "float32", device, cfg.model.trust_remote_code)
-    reference = load_policy(policy_path, "bfloat16" if l.bf16 else "float32", device, cfg.model.trust_remote_code)
-    reference.eval().requires_grad_(False)  # π_t, frozen for the whole iteration
-    if l.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = False
-
     gas = gradient_accumulation_steps(l, world)
-    steps_per_epoch = max(1, math.ceil(num_prompts / l.global_batch_size))
-    total_steps = steps_per_epoch * l.epochs  # an upper bound: skipped prompts shorten it
-    optimizer = _optimizer(cfg, model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: linear_schedule(s, total_steps, l.warmup_ratio)
-    )
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=build_deepspeed_config(l, world),
-        dist_init_required=False,
-    )
+    total_steps = max(1, math.ceil(num_prompts / l.global_batch_size)) * l.epochs  # an upper bound: skipped prompts shorten it
+    models = build_models(cfg, policy_path, device, world, total_steps)
+    tokenizer, engine, reference, scheduler = models.tokenizer, models.engine, models.reference, models.scheduler
 
     # Resume: the newest step checkpoint and every row persisted so far (all ranks read the
     # same files before any rank persists new ones).
