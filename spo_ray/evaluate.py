@@ -15,7 +15,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from spo_ray.judge.base import Judge
 from spo_ray.rollout.base import Engine, Prompt, SamplingConfig
@@ -148,20 +148,25 @@ def mt_bench_answers(
     return [{"question_id": q["question_id"], "output": out} for q, out in zip(questions, outputs)]
 
 
-def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None) -> dict:
+def evaluate_policy(
+    cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None, engine_factory: Callable | None = None
+) -> dict:
     """Answers of the policy at `policy_path` on the held-out prompts (and MT-Bench's
     questions when `evaluate.mt_bench_source` is set) and, given π_0's answers, the judged
     win rate: `win_rate`, `win_rate_ci`, `wins`, `ties`, `losses`, `judge_nan`, `n`, `avg_length`.
 
     The judge is the training stream's (`cfg.judge`); a reference-guided judge gets each
     held-out prompt's reference answer. Runs as one Ray task (resources from
-    `cluster.evaluate`); plain Python otherwise.
+    `cluster.evaluate`); plain Python otherwise. `engine_factory(cfg, policy_path)` gives
+    the engine that answers: the run's rollout engines (`RolloutEngines.clients()`), or by
+    default one built here (`make_engine`).
     """
     from spo_ray.judge import attach_references, build_judge
+    from spo_ray.modeling import load_tokenizer
     from spo_ray.pipeline import judge_prompts, make_engine
 
     e = cfg.evaluate
-    engine = make_engine(cfg, policy_path)
+    engine = (engine_factory or make_engine)(cfg, policy_path)
     sampling = SamplingConfig(
         num_samples=1,
         temperature=0.0 if e.greedy else e.temperature,
@@ -181,7 +186,7 @@ def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], basel
         return result
     print(f"[eval] judging {len(answers)} answers against π_0's, both orders ({cfg.judge.name} judge)", flush=True)
     judge = build_judge(cfg.judge)
-    shown = judge_prompts(prompts, cfg.judge.prompt_format, engine.tokenizer)
+    shown = judge_prompts(prompts, cfg.judge.prompt_format, load_tokenizer(policy_path, cfg.model.trust_remote_code))
     attach_references(judge, shown, [p.get("reference") for p in held_out])
     result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
     return result
