@@ -1,4 +1,4 @@
-"""A watchdog that kills a process's descendants once that process is gone.
+"""A watchdog that kills the processes an engine started once the engine's owner is gone.
 
 A vLLM engine runs in several processes: the `vllm.LLM` owner (here: an `EngineActor` or
 any script), its EngineCore and one worker per tensor-parallel rank. `VLLMEngine.shutdown`
@@ -6,15 +6,16 @@ stops them; but an owner that dies without it (`os._exit`, SIGKILL, a Ray actor 
 crashed) leaves EngineCore and workers running, each holding the model and its KV cache
 (several GB). So every VLLMEngine starts one of these next to it:
 
-    python -m spo_ray.rollout.reaper OWNER_PID INTERVAL_S [IGNORED_PID ...]
+    python -m spo_ray.rollout.reaper OWNER_PID INTERVAL_S
 
 It is the owner's child, in a session of its own (a signal to the owner's process group
-does not reach it). Every INTERVAL_S it notes the owner's descendants (pid and start time)
-except the subtrees of the children the owner had already when it started the watchdog
-(in a driver those are Ray's own processes, which are not the engine's to kill);
-when its parent is no longer the owner (the owner died and the watchdog was re-parented),
-it SIGKILLs every noted process that still runs with the same start time (a recycled pid
-is left alone), then exits. `Reaper.stop` ends it when the owner shuts down cleanly.
+does not reach it). The owner names the processes to watch on the watchdog's stdin
+(`Reaper.track`: one "pid start_time" line each, the children that building the engine
+started); every INTERVAL_S the watchdog notes them and their descendants. When the owner is
+gone — its end of the stdin pipe closes, which the kernel does however the owner died, or
+the watchdog's parent changes — it SIGKILLs every noted process that still runs with the
+start time it had (a recycled pid is left alone), then exits. `Reaper.stop` ends it when the
+owner shuts the engine down itself.
 """
 
 from __future__ import annotations
@@ -24,23 +25,23 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import psutil
 
 log = logging.getLogger(__name__)
 
 
-def descendants(owner: psutil.Process, ignored: set[int]) -> dict[int, float]:
-    """pid → start time of every process below `owner`, except the subtrees of the
-    children in `ignored`."""
+def noted_tree(roots: dict[int, float]) -> dict[int, float]:
+    """pid → start time of each root still running as itself, and of its descendants."""
     found = {}
-    for child in owner.children():
-        if child.pid in ignored:
-            continue
+    for pid, started in roots.items():
         try:
-            found[child.pid] = child.create_time()
-            found.update((p.pid, p.create_time()) for p in child.children(recursive=True))
+            proc = psutil.Process(pid)
+            if proc.create_time() != started:
+                continue
+            found[pid] = started
+            found.update((p.pid, p.create_time()) for p in proc.children(recursive=True))
         except psutil.NoSuchProcess:
             pass
     return found
@@ -60,31 +61,50 @@ def kill_noted(noted: dict[int, float]) -> list[int]:
     return killed
 
 
-def watch(owner_pid: int, interval_s: float, ignored: set[int]) -> list[int]:
-    """Note the owner's descendants until the owner is gone, then kill them."""
-    owner = psutil.Process(owner_pid)
-    ignored = ignored | {os.getpid()}
+def watch(owner_pid: int, interval_s: float, lines) -> list[int]:
+    """Track the pids named on `lines` until the owner is gone, then kill them and theirs."""
+    roots: dict[int, float] = {}
+    gone = threading.Event()
+
+    def read() -> None:
+        for line in lines:
+            pid, started = line.split()
+            roots[int(pid)] = float(started)
+        gone.set()  # EOF: the owner closed the pipe, or died
+
+    threading.Thread(target=read, daemon=True).start()
     noted: dict[int, float] = {}
-    while os.getppid() == owner_pid:
-        try:
-            noted = descendants(owner, ignored)
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(interval_s)
-    return kill_noted(noted)
+    while not gone.is_set() and os.getppid() == owner_pid:
+        noted = noted_tree(dict(roots))
+        gone.wait(interval_s)
+    return kill_noted({**noted, **noted_tree(dict(roots))})
 
 
 class Reaper:
     """The watchdog of the calling process (see the module docstring)."""
 
     def __init__(self, interval_s: float = 1.0) -> None:
-        existing = [str(child.pid) for child in psutil.Process().children()]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "spo_ray.rollout.reaper", str(os.getpid()), str(interval_s), *existing],
-            stdin=subprocess.DEVNULL,
+            [sys.executable, "-m", "spo_ray.rollout.reaper", str(os.getpid()), str(interval_s)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             start_new_session=True,
+            text=True,
         )
+
+    def track(self, pids: set[int]) -> None:
+        """Watch these processes (and what they start) from now on."""
+        lines = []
+        for pid in pids:
+            try:
+                lines.append(f"{pid} {psutil.Process(pid).create_time()}\n")
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            self.proc.stdin.write("".join(lines))
+            self.proc.stdin.flush()
+        except OSError as err:  # the watchdog itself died: the engine works, unguarded
+            log.warning("the engine's watchdog (pid %d) is gone (%s): its processes are not guarded", self.proc.pid, err)
 
     def stop(self) -> None:
         """The owner cleaned up itself: end the watchdog (it kills nothing)."""
@@ -94,14 +114,20 @@ class Reaper:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.proc.stdin.close()
+
+
+def children() -> set[int]:
+    """The calling process's direct children."""
+    return {child.pid for child in psutil.Process().children()}
 
 
 def main(argv: list[str]) -> None:
-    owner_pid, interval_s, ignored = int(argv[0]), float(argv[1]), {int(pid) for pid in argv[2:]}
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    killed = watch(owner_pid, interval_s, ignored)
+    owner_pid, interval_s = int(argv[0]), float(argv[1])
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    killed = watch(owner_pid, interval_s, sys.stdin)
     if killed:
-        print(f"spo_ray reaper: owner {owner_pid} is gone; killed its processes {killed}", file=sys.stderr)
+        print(f"spo_ray reaper: owner {owner_pid} is gone; killed its engine's processes {killed}", file=sys.stderr)
 
 
 if __name__ == "__main__":

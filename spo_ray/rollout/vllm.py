@@ -225,7 +225,9 @@ class VLLMEngine:
         self.path = path
         from spo_ray.rollout.reaper import Reaper
 
-        self._reaper = Reaper()  # kills EngineCore and workers if this process dies without shutdown()
+        # kills EngineCore and its workers if this process dies without shutdown() (started
+        # before the build: a rebuild's processes are handed to the same watchdog)
+        self._reaper = Reaper()
         try:
             self.llm = self._build(path)
         except BaseException:
@@ -301,10 +303,11 @@ class VLLMEngine:
     # ------------------------------------------------------------------------- new weights
     def load_weights(self, path: str) -> None:
         """π_{t+1} from the HF folder `path`: in place when vLLM allows, else a rebuild;
-        TimeoutError when both together take longer than `reload_timeout_s`."""
+        TimeoutError when both together take longer than `reload_timeout_s`. An in-place
+        reload that hangs is given up after half of it, so the rebuild keeps the other half."""
         deadline = time.monotonic() + self.reload_timeout_s
         try:
-            count = _within(self.reload_timeout_s, "in-place weight reload", lambda: self._load_in_place(path))
+            count = _within(self.reload_timeout_s / 2, "in-place weight reload", lambda: self._load_in_place(path))
             log.info("loaded %d tensors of %s into the running vLLM engine", count, path)
         except Exception as err:  # noqa: BLE001 - any failure: rebuild from the checkpoint
             log.warning("in-place reload of %s failed (%s: %s); rebuilding the vLLM engine", path, type(err).__name__, err)
@@ -328,7 +331,7 @@ class VLLMEngine:
         frees = self.asleep and self.frees_memory_on_sleep
         if frees:  # only the weights' memory back: the KV cache waits for wake_up
             self.llm.wake_up(tags=["weights"])
-        counts = self.llm.collective_rpc("spo_load_checkpoint", timeout=self.reload_timeout_s, args=(path,))
+        counts = self.llm.collective_rpc("spo_load_checkpoint", timeout=self.reload_timeout_s / 2, args=(path,))
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by π_t
         if frees:
             self.llm.wake_up(tags=["kv_cache"])
@@ -379,8 +382,14 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------------- internals
     def _build(self, path: str) -> Any:
+        from spo_ray.rollout.reaper import children
+
         log.info("starting vLLM %s on %s", getattr(self._vllm, "__version__", "?"), path)
-        return self._vllm.LLM(model=path, **self.llm_kwargs)
+        before = children()
+        llm = self._vllm.LLM(model=path, **self.llm_kwargs)
+        # EngineCore (and the multiprocessing helpers vLLM started): the watchdog's from now on
+        self._reaper.track(children() - before - {self._reaper.proc.pid})
+        return llm
 
     def _tokenizer(self, path: str):
         from spo_ray.modeling import load_tokenizer
