@@ -148,20 +148,25 @@ def mt_bench_answers(
     return [{"question_id": q["question_id"], "output": out} for q, out in zip(questions, outputs)]
 
 
-def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None) -> dict:
+def evaluate_policy(
+    cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None, timeline_dir: str | None = None
+) -> dict:
     """Answers of the policy at `policy_path` on the held-out prompts (and MT-Bench's
     questions when `evaluate.mt_bench_source` is set) and, given π_0's answers, the judged
     win rate: `win_rate`, `win_rate_ci`, `wins`, `ties`, `losses`, `judge_nan`, `n`, `avg_length`.
 
     The judge is the training stream's (`cfg.judge`); a reference-guided judge gets each
     held-out prompt's reference answer. Runs as one Ray task (resources from
-    `cluster.evaluate`); plain Python otherwise.
+    `cluster.evaluate`); plain Python otherwise. With `timeline_dir` it records its loading
+    (`eval_start`) and its answering and judging (`evaluation`), spo_ray/timeline.py.
     """
     from spo_ray.judge import attach_references, build_judge
     from spo_ray.pipeline import judge_prompts, make_engine
+    from spo_ray.timeline import span
 
     e = cfg.evaluate
-    engine = make_engine(cfg, policy_path)
+    with span(timeline_dir, "eval_start"):
+        engine = make_engine(cfg, policy_path)
     sampling = SamplingConfig(
         num_samples=1,
         temperature=0.0 if e.greedy else e.temperature,
@@ -170,20 +175,23 @@ def evaluate_policy(cfg: "Config", policy_path: str, held_out: list[dict], basel
         seed=cfg.run.seed,
     )
     prompts = [p["prompt"] for p in held_out]
-    answers, lengths = generate_answers(engine, prompts, sampling, e.batch_size, "held-out answers")
-    result: dict = {"answers": answers, "lengths": lengths, "avg_length": sum(lengths) / len(lengths)}
-    if e.mt_bench_source is not None:
-        from spo_ray.data.prompt_sets import load_mt_bench
+    with span(timeline_dir, "evaluation"):
+        answers, lengths = generate_answers(engine, prompts, sampling, e.batch_size, "held-out answers")
+        result: dict = {"answers": answers, "lengths": lengths, "avg_length": sum(lengths) / len(lengths)}
+        if e.mt_bench_source is not None:
+            from spo_ray.data.prompt_sets import load_mt_bench
 
-        questions = load_mt_bench(None if e.mt_bench_source == "shipped" else e.mt_bench_source)
-        result["mt_bench"] = mt_bench_answers(engine, questions, sampling, e.batch_size, e.mt_bench_turns)
+            questions = load_mt_bench(None if e.mt_bench_source == "shipped" else e.mt_bench_source)
+            result["mt_bench"] = mt_bench_answers(engine, questions, sampling, e.batch_size, e.mt_bench_turns)
     if baseline is None:
         return result
     print(f"[eval] judging {len(answers)} answers against π_0's, both orders ({cfg.judge.name} judge)", flush=True)
-    judge = build_judge(cfg.judge)
-    shown = judge_prompts(prompts, cfg.judge.prompt_format, engine.tokenizer)
-    attach_references(judge, shown, [p.get("reference") for p in held_out])
-    result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
+    with span(timeline_dir, "eval_start"):
+        judge = build_judge(cfg.judge)
+    with span(timeline_dir, "evaluation"):
+        shown = judge_prompts(prompts, cfg.judge.prompt_format, engine.tokenizer)
+        attach_references(judge, shown, [p.get("reference") for p in held_out])
+        result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
     return result
 
 

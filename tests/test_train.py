@@ -65,7 +65,11 @@ def test_a_driver_killed_after_appending_an_iterations_records_does_not_append_t
     run = train.run_sppo(stubbed)  # the same command again
 
     assert run.done(1, "eval")
-    assert [(m["kind"], m.get("step")) for m in run.metrics()] == [("step", 1), ("step", 2), ("iteration", None)]
+    assert [(m["kind"], m.get("step")) for m in run.metrics()] == [("step", 1), ("step", 2), ("timeline", None), ("iteration", None)]
+    # the timeline holds the driver's own stage (the engines' start; the rest is stubbed)
+    timeline = run.read_json("iter_1/timeline.json")
+    assert [s["name"] for s in timeline["stages"]] == ["engine_start"] and timeline["work_s"] == 0
+    assert [s["name"] for s in run.metrics()[2]["stages"]] == ["engine_start"]
 
 
 def test_the_step_checkpoints_are_removed_once_train_is_done_and_pi_t_is_kept(stubbed, monkeypatch):
