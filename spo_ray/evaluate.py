@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -149,7 +150,12 @@ def mt_bench_answers(
 
 
 def evaluate_policy(
-    cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None, timeline_dir: str | None = None
+    cfg: "Config",
+    policy_path: str,
+    held_out: list[dict],
+    baseline: list[str] | None,
+    timeline_dir: str | None = None,
+    submitted_at: float | None = None,
 ) -> dict:
     """Answers of the policy at `policy_path` on the held-out prompts (and MT-Bench's
     questions when `evaluate.mt_bench_source` is set) and, given π_0's answers, the judged
@@ -157,16 +163,18 @@ def evaluate_policy(
 
     The judge is the training stream's (`cfg.judge`); a reference-guided judge gets each
     held-out prompt's reference answer. Runs as one Ray task (resources from
-    `cluster.evaluate`); plain Python otherwise. With `timeline_dir` it records its loading
-    (`eval_start`) and its answering and judging (`evaluation`), spo_ray/timeline.py.
+    `cluster.evaluate`); plain Python otherwise. With `timeline_dir` it records its start
+    (`eval_start`: from `submitted_at`, the task's submission, if given, to π_t and the judge
+    loaded) and its answering and judging (`evaluation`), spo_ray/timeline.py.
     """
+    entered = time.time()
     from spo_ray.judge import attach_references, build_judge
     from spo_ray.pipeline import judge_prompts, make_engine
-    from spo_ray.timeline import span
+    from spo_ray.timeline import record_interval, span
 
     e = cfg.evaluate
-    with span(timeline_dir, "eval_start"):
-        engine = make_engine(cfg, policy_path)
+    engine = make_engine(cfg, policy_path)
+    record_interval(timeline_dir, "eval_start", submitted_at or entered, time.time())
     sampling = SamplingConfig(
         num_samples=1,
         temperature=0.0 if e.greedy else e.temperature,

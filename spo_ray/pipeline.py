@@ -29,7 +29,7 @@ from spo_ray.judge import attach_references, build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.hf import format_prompt
 from spo_ray.sppo import select_pair
-from spo_ray.timeline import record, span
+from spo_ray.timeline import record_interval, span
 from spo_ray.timeouts import apply_stream_timeouts
 
 if TYPE_CHECKING:
@@ -95,7 +95,7 @@ class RolloutStage:
         )
         self.seed = cfg.run.seed
         self.iteration = iteration
-        record(timeline_dir, "rollout_start", started, time.time())
+        record_interval(timeline_dir, "rollout_start", started, time.time())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("prompt_id").to_pylist()
@@ -156,7 +156,7 @@ class JudgeStage:
             from spo_ray.modeling import load_tokenizer
 
             self.tokenizer = load_tokenizer(policy_path)
-        record(timeline_dir, "judge_start", started, time.time())
+        record_interval(timeline_dir, "judge_start", started, time.time())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with span(self.timeline_dir, "judging"):

@@ -59,7 +59,8 @@ def _plot_steps(steps: list[dict], out: Path) -> None:
 
 def _plot_timeline(timelines: list[dict], out: Path) -> None:
     """One row per stage, a bar wherever it was busy; the iterations one after another on one
-    time axis (dotted: an iteration's start). Work stages in colour, overhead in grey."""
+    time axis (dotted: an iteration's start). Work in blue, the learner waiting for rows in
+    orange, other overhead (starting, loading, saving, syncing) in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,15 +74,15 @@ def _plot_timeline(timelines: list[dict], out: Path) -> None:
     for tl in timelines:
         for stage in tl["stages"]:
             bars = [(offset + a, max(b - a, 1e-3)) for a, b in stage["intervals"]]
-            work = stage["name"] in WORK_STAGES
-            ax.broken_barh(bars, (row[stage["name"]] - 0.35, 0.7), color="tab:blue" if work else "tab:gray")
+            color = "tab:blue" if stage["name"] in WORK_STAGES else "tab:orange" if stage["name"] == "learner_wait" else "tab:gray"
+            ax.broken_barh(bars, (row[stage["name"]] - 0.35, 0.7), color=color)
         ax.axvline(offset, color="black", linestyle=":", linewidth=1)
         ax.text(offset, -0.6, f" t={tl['iteration']}: {tl['work_s']:.0f}s work / {tl['wall_s']:.0f}s", fontsize=7, va="bottom")
         offset += tl["wall_s"]
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_ylim(len(names) - 0.5, -0.9)  # first stage on top, room for the iteration labels
     ax.set_xlim(0, max(offset, 1e-3))
-    ax.set_xlabel("seconds (iterations one after another; blue: work, grey: overhead)")
+    ax.set_xlabel("seconds, iterations one after another (blue: work; orange: learner waits for rows; grey: other overhead)")
     _save(fig, out)
 
 

@@ -13,8 +13,8 @@ syncing and waiting.
 
 Recording: each process (a Ray Data stage actor, a Ray Train worker, the evaluation task,
 the driver) appends `{"name", "start", "end"}` lines of `time.time()` stamps to a file of its
-own under `iter_<t>/timeline_parts/` (`record`, `span`), one line per batch, step or stage
-start, never per token. No tensors and no Ray objects are involved, and nothing needs to
+own under `iter_<t>/timeline_parts/` (`record_interval`, `span`), one line per batch, step or
+stage start, never per token. No tensors and no Ray objects are involved, and nothing needs to
 flow back through the driver. `time.time()` is the machine clock shared by all processes on
 one node; across nodes the timeline assumes their clocks are synchronized (NTP), as Ray's
 own timeline does.
@@ -45,10 +45,12 @@ STAGES: dict[str, str] = {
     "judging": "a JudgeStage batch: K×K preferences and pair selection (Ray Data actor)",
     "learner_workers": "from the trainer's fit() to a learner worker's first line (Ray Train)",
     "learner_models": "policy, reference and DeepSpeed engine built (Ray Train worker)",
+    "learner_wait": "a learner worker waits for its next rows, or for the stream's end (Ray Train worker)",
     "learner_step": "one optimizer step: forward/backward of its micro-batches (Ray Train worker)",
+    "learner_checkpoint": "a step checkpoint saved for resume (Ray Train worker)",
     "save_policy": "π_t gathered and saved as an HF folder (Ray Train worker)",
     "weight_sync": "π_t reaches the rollout engines: the learner's broadcast, the engines' reload (worker, driver)",
-    "eval_start": "the evaluation task loads π_t and the judge (Ray task)",
+    "eval_start": "from the evaluation task's submission until it has loaded π_t and the judge (Ray task)",
     "evaluation": "held-out answers of π_t and their judging (Ray task)",
 }
 # Useful work; everything else is overhead.
@@ -64,7 +66,7 @@ class Interval:
     end: float
 
 
-def record(parts_dir: str | Path | None, name: str, start: float, end: float) -> None:
+def record_interval(parts_dir: str | Path | None, name: str, start: float, end: float) -> None:
     """Append one interval to this process's file in `parts_dir` (None: not recording)."""
     if parts_dir is None:
         return
@@ -83,7 +85,7 @@ def span(parts_dir: str | Path | None, name: str) -> Iterator[None]:
     that raises did no useful work and its time stays overhead."""
     start = time.time()
     yield
-    record(parts_dir, name, start, time.time())
+    record_interval(parts_dir, name, start, time.time())
 
 
 def read_intervals(parts_dir: str | Path) -> list[Interval]:
@@ -127,14 +129,15 @@ def build_timeline(intervals: Iterable[Interval], start: float, end: float) -> d
     names = sorted({i.name for i in intervals}, key=lambda name: (order.get(name, len(order)), name))
     stages = []
     for name in names:
-        spans = union((i.start, i.end) for i in intervals if i.name == name)
+        spans = [[rel(a), rel(b)] for a, b in union((i.start, i.end) for i in intervals if i.name == name)]
         stages.append(
             {
                 "name": name,
-                "start_s": rel(spans[0][0]),
-                "end_s": rel(spans[-1][1]),
+                "start_s": spans[0][0],
+                "end_s": spans[-1][1],
+                # from the rounded intervals, so that the bars drawn add up to busy_s
                 "busy_s": round(sum(b - a for a, b in spans), 3),
-                "intervals": [[rel(a), rel(b)] for a, b in spans],
+                "intervals": spans,
             }
         )
     work = union((i.start, i.end) for i in intervals if i.name in WORK_STAGES)

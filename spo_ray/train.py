@@ -210,7 +210,7 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
     task = ray.remote(evaluate_policy).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus)
     baseline = None if t == 0 else run.read_json("iter_0/answers.json")["answers"]
     timeline = str(run.timeline_parts(t)) if t > 0 else None  # π_0's answers are the run's set-up, not an iteration
-    ref = task.remote(cfg, policy_path, held_out, baseline, timeline)
+    ref = task.remote(cfg, policy_path, held_out, baseline, timeline, time.time())
     try:
         result = ray.get(ref, timeout=cfg.run.timeouts.eval_s)
     except ray.exceptions.GetTimeoutError:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from spo_ray.run_dir import RunDir
-from spo_ray.timeline import Interval, biggest_overheads, build_timeline, read_intervals, record, span, union, write_timeline
+from spo_ray.timeline import Interval, biggest_overheads, build_timeline, read_intervals, record_interval, span, union, write_timeline
 
 T0 = 1_700_000_000.0  # a time.time() stamp: the iteration's start
 
@@ -25,10 +25,11 @@ def assert_invariants(timeline: dict) -> None:
         assert set(s) >= {"name", "start_s", "end_s", "busy_s"}
         assert 0 <= s["start_s"] <= s["end_s"] <= timeline["wall_s"], s  # inside the iteration
         assert s["busy_s"] <= s["end_s"] - s["start_s"] + 1e-6, s
-        # the stage's own intervals are disjoint and sorted, and sum to busy_s
+        # the stage's own intervals are sorted, do not overlap (rounded to the millisecond, two
+        # may touch), and sum to busy_s
         spans = s["intervals"]
-        assert all(a <= b for a, b in spans) and all(spans[n][1] < spans[n + 1][0] for n in range(len(spans) - 1)), s
-        assert sum(b - a for a, b in spans) == pytest.approx(s["busy_s"], abs=1e-3)
+        assert all(a <= b for a, b in spans) and all(spans[n][1] <= spans[n + 1][0] for n in range(len(spans) - 1)), s
+        assert sum(b - a for a, b in spans) == pytest.approx(s["busy_s"], abs=1e-6)
 
 
 def test_overlapping_work_is_counted_once_and_overhead_is_the_rest():
@@ -97,8 +98,8 @@ def test_union():
 def test_recorded_intervals_are_merged_into_timeline_json(tmp_path):
     run = RunDir(tmp_path / "run")
     parts = run.timeline_parts(1)
-    record(parts, "generation", T0 + 1, T0 + 2)
-    record(None, "generation", T0, T0 + 100)  # not recording: no-op
+    record_interval(parts, "generation", T0 + 1, T0 + 2)
+    record_interval(None, "generation", T0, T0 + 100)  # not recording: no-op
     with span(parts, "judging"):
         pass
     with pytest.raises(RuntimeError), span(parts, "learner_step"):  # a failed step did no work
@@ -118,6 +119,6 @@ def test_recorded_intervals_are_merged_into_timeline_json(tmp_path):
 
 def test_a_restarted_train_stage_starts_its_timeline_afresh(tmp_path):
     run = RunDir(tmp_path / "run")
-    record(run.timeline_parts(1), "generation", T0, T0 + 1)
+    record_interval(run.timeline_parts(1), "generation", T0, T0 + 1)
     run.prepare_train(1)
     assert read_intervals(run.timeline_parts(1)) == []

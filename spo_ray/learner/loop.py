@@ -36,7 +36,7 @@ from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_ac
 from spo_ray.learner.resume import FILLER, Position, deal, epoch_order, filler_row, persisted_rows, restore, save_checkpoint
 from spo_ray.run_dir import timeline_parts, write_json_atomic
 from spo_ray.sppo import preference_loss, sequence_logps
-from spo_ray.timeline import record, span
+from spo_ray.timeline import record_interval, span
 
 
 @dataclass
@@ -219,7 +219,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     timeline = timeline_parts(iter_dir)  # this worker's busy intervals (spo_ray/timeline.py)
     # From the driver's fit() to here: worker processes, their process group, this module's
     # imports. After a learner restart it spans the failed attempt too.
-    record(timeline, "learner_workers", loop_config["fit_at"], time.time())
+    record_interval(timeline, "learner_workers", loop_config["fit_at"], time.time())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     l = cfg.learner
@@ -276,11 +276,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
             yield group
 
     simulate_step_s = loop_config.get("simulate_step_s")  # benchmarks/overlap.py --simulate
+    waiting = time.time()  # for the stream's first rows, then for each next step's, then for its end
     for epoch in range(position.epoch, l.epochs):
         trained = set(position.consumed) if epoch == position.epoch else set()
         if epoch != position.epoch:
             position.consumed = []
         for group in step_groups(epoch_rows(epoch, trained)):
+            record_interval(timeline, "learner_wait", waiting, time.time())
             ids = [r["prompt_id"] for micro in group for r in micro if r["skip_reason"] != FILLER]
             if simulate_step_s is not None:  # the cost model: only the work is replaced
                 summary.steps += 1
@@ -289,6 +291,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 if rank == 0:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps({"step": summary.steps, "elapsed_s": round(time.time() - started, 2)}) + "\n")
+                waiting = time.time()
                 continue
             # The step's work only: the wait for its rows (the stream) is not in it.
             with span(timeline, "learner_step"):
@@ -316,9 +319,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         flush=True,
                     )
             if l.checkpoint_every and summary.steps % l.checkpoint_every == 0:
-                _record_stats(position, stats, world)
-                save_checkpoint(engine, iter_dir, position, rank, world)
+                with span(timeline, "learner_checkpoint"):
+                    _record_stats(position, stats, world)
+                    save_checkpoint(engine, iter_dir, position, rank, world)
             maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
+            waiting = time.time()
+    record_interval(timeline, "learner_wait", waiting, time.time())
 
     summary.prompts_truncated = stats.prompts_truncated
     summary.responses_truncated = stats.responses_truncated
