@@ -4,16 +4,16 @@ Two ways, same checks (each call's keyword names exist in the signature, or — 
 `vllm.LLM`, which forwards **kwargs — among EngineArgs' fields; TypedDict keys and result
 fields exist; worker attributes exist or are assigned as `self.<name> = …`):
 
-    # a throw-away venv with vLLM installed (needs its CUDA wheels, not a GPU):
-    python -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install vllm==0.33.0 -e .
-    /tmp/vllm-venv/bin/python benchmarks/check_vllm_api.py
+    # against the installed vLLM (here: vLLM's CPU build, which `make` installs; a test runs this):
+    python benchmarks/check_vllm_api.py
 
     # or statically, from a downloaded wheel, without installing it:
-    pip download --no-deps vllm==0.11.0 -d /tmp/w && unzip -q /tmp/w/vllm-*.whl 'vllm/*' -d /tmp/vllm-0.11.0
-    python benchmarks/check_vllm_api.py --source /tmp/vllm-0.11.0
+    pip download --no-deps vllm==0.16.0 -d /tmp/w && unzip -q /tmp/w/vllm-*.whl 'vllm/*' -x '*.so' -d /tmp/vllm-0.16.0
+    python benchmarks/check_vllm_api.py --source /tmp/vllm-0.16.0
 
-It prints one line per use and exits 1 when something is missing. vLLM is not part of CI's
-install: this check is run by hand when the supported range (`VLLM_VERSIONS`) changes.
+It prints one line per use and exits 1 when something is missing. The installed mode runs in
+`make test` (tests/rollout/test_vllm_real.py); the static one by hand when the supported
+range of GPU vLLM (`VLLM_VERSIONS`) changes.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from spo_ray.judge.base import Judge
 from spo_ray.rollout.base import Engine, Prompt, SamplingConfig
@@ -154,6 +154,7 @@ def evaluate_policy(
     policy_path: str,
     held_out: list[dict],
     baseline: list[str] | None,
+    engine_factory: Callable | None = None,
     timeline_dir: str | None = None,
     submitted_at: float | None = None,
 ) -> dict:
@@ -163,17 +164,20 @@ def evaluate_policy(
 
     The judge is the training stream's (`cfg.judge`); a reference-guided judge gets each
     held-out prompt's reference answer. Runs as one Ray task (resources from
-    `cluster.evaluate`); plain Python otherwise. With `timeline_dir` it records its start
-    (`eval_start`: from `submitted_at`, the task's submission, if given, to π_t and the judge
-    loaded) and its answering and judging (`evaluation`), spo_ray/timeline.py.
+    `cluster.evaluate`); plain Python otherwise. `engine_factory(cfg, policy_path)` gives
+    the engine that answers: the run's rollout engines (`RolloutEngines.clients()`), or by
+    default one built here (`make_engine`). With `timeline_dir` it records its start
+    (`eval_start`: from `submitted_at`, the task's submission, if given, to the engine and
+    the judge ready) and its answering and judging (`evaluation`), spo_ray/timeline.py.
     """
     entered = time.time()
     from spo_ray.judge import attach_references, build_judge
+    from spo_ray.modeling import load_tokenizer
     from spo_ray.pipeline import judge_prompts, make_engine
     from spo_ray.timeline import record_interval, span
 
     e = cfg.evaluate
-    engine = make_engine(cfg, policy_path)
+    engine = (engine_factory or make_engine)(cfg, policy_path)
     record_interval(timeline_dir, "eval_start", submitted_at or entered, time.time())
     sampling = SamplingConfig(
         num_samples=1,
@@ -197,7 +201,7 @@ def evaluate_policy(
     with span(timeline_dir, "eval_start"):
         judge = build_judge(cfg.judge)
     with span(timeline_dir, "evaluation"):
-        shown = judge_prompts(prompts, cfg.judge.prompt_format, engine.tokenizer)
+        shown = judge_prompts(prompts, cfg.judge.prompt_format, load_tokenizer(policy_path, cfg.model.trust_remote_code))
         attach_references(judge, shown, [p.get("reference") for p in held_out])
         result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
     return result

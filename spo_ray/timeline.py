@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 # The stages in the order of the chart's rows, with what each interval covers and who records it.
 STAGES: dict[str, str] = {
-    "engine_start": "the run's rollout engines start, holding π_{t-1} (driver; first iteration of a driver only)",
     "rollout_start": "a stream's RolloutStage actor starts (Ray Data actor)",
     "generation": "a RolloutStage batch: K samples per prompt (Ray Data actor)",
     "judge_start": "a JudgeStage actor starts and loads the judge (Ray Data actor)",

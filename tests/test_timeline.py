@@ -34,7 +34,7 @@ def assert_invariants(timeline: dict) -> None:
 
 def test_overlapping_work_is_counted_once_and_overhead_is_the_rest():
     intervals = [
-        _iv("engine_start", 0, 5),
+        _iv("rollout_start", 0, 5),
         _iv("generation", 5, 15),  # rollout actor 1
         _iv("generation", 10, 20),  # rollout actor 2, overlapping actor 1
         _iv("judging", 12, 22),  # overlaps generation
@@ -54,9 +54,9 @@ def test_overlapping_work_is_counted_once_and_overhead_is_the_rest():
     assert stages["judging"]["busy_s"] == 10 and stages["learner_models"]["busy_s"] == 10
     # rows in the pipeline's order, not by time or name
     assert [s["name"] for s in tl["stages"]] == [
-        "engine_start", "generation", "judging", "learner_models", "learner_step", "save_policy", "evaluation"
+        "rollout_start", "generation", "judging", "learner_models", "learner_step", "save_policy", "evaluation"
     ]
-    assert biggest_overheads(tl, 2) == [("learner_models", 10), ("engine_start", 5)]
+    assert biggest_overheads(tl, 2) == [("learner_models", 10), ("rollout_start", 5)]
 
 
 def test_separate_intervals_of_a_stage_stay_separate_bars():

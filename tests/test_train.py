@@ -4,6 +4,7 @@ in the run dir across restarts, without Ray."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -31,7 +32,7 @@ def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=No
     return summary
 
 
-def _fake_evaluate(cfg, run: RunDir, held_out, policy, t: int) -> dict:
+def _fake_evaluate(cfg, run: RunDir, held_out, policy, t: int, engines=None) -> dict:
     run.write_json(f"iter_{t}/answers.json", {"answers": [f"answer {t}"] * len(held_out), "lengths": [3] * len(held_out)})
     return {"win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "avg_length": 3.0, "wins": 1, "ties": 0, "losses": 1, "judge_nan": 0, "n": 2}
 
@@ -42,7 +43,8 @@ def stubbed(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "prepare_prompts", lambda cfg, run: train.Prompts(PROMPTS[:4], PROMPTS[4:], {}))
     monkeypatch.setattr(train, "connect_ray", lambda cfg: None)
     monkeypatch.setattr(train, "initial_policy", lambda cfg, run: str(run.policy(0)))
-    monkeypatch.setattr(train, "start_engines", lambda cfg, policy, t: None)
+    # engines that take every policy at once (sync_engines runs for real on them)
+    monkeypatch.setattr(train, "start_engines", lambda cfg, policy, t: SimpleNamespace(shutdown=lambda: None, load=lambda p: [{"how": "storage", "seconds": 0.0}]))
     monkeypatch.setattr(train, "stream_and_train", _fake_stream_and_train)
     monkeypatch.setattr(train, "evaluate", _fake_evaluate)
     monkeypatch.setattr(train, "write_report", lambda run, summary, examples: run.path / "report.md")
@@ -66,10 +68,10 @@ def test_a_driver_killed_after_appending_an_iterations_records_does_not_append_t
 
     assert run.done(1, "eval")
     assert [(m["kind"], m.get("step")) for m in run.metrics()] == [("step", 1), ("step", 2), ("timeline", None), ("iteration", None)]
-    # the timeline holds the driver's own stage (the engines' start; the rest is stubbed)
+    # the timeline holds the driver's own stage (π_1 to the engines; the rest is stubbed)
     timeline = run.read_json("iter_1/timeline.json")
-    assert [s["name"] for s in timeline["stages"]] == ["engine_start"] and timeline["work_s"] == 0
-    assert [s["name"] for s in run.metrics()[2]["stages"]] == ["engine_start"]
+    assert [s["name"] for s in timeline["stages"]] == ["weight_sync"] and timeline["work_s"] == 0
+    assert [s["name"] for s in run.metrics()[2]["stages"]] == ["weight_sync"]
 
 
 def test_the_step_checkpoints_are_removed_once_train_is_done_and_pi_t_is_kept(stubbed, monkeypatch):
@@ -77,7 +79,7 @@ def test_the_step_checkpoints_are_removed_once_train_is_done_and_pi_t_is_kept(st
         if site == "driver_after_train":
             raise _Killed
 
-    def killed_in_eval(cfg, run: RunDir, held_out, policy, t: int) -> dict:
+    def killed_in_eval(cfg, run: RunDir, held_out, policy, t: int, engines) -> dict:
         raise _Killed
 
     with monkeypatch.context() as m:

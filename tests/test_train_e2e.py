@@ -20,10 +20,10 @@ FAST = [
     "evaluate.max_new_tokens=16",
 ]
 
-# What every iteration of these runs records (at least). No weight_sync: each run stops at its
-# last iteration, which hands π_t to no engine (a three-iteration run would show it).
+# What every iteration of these runs records (at least): π_t goes to the engines after every
+# iteration (they answer its evaluation).
 TINY_STAGES = {
-    "engine_start", "rollout_start", "generation", "judge_start", "judging", "learner_workers",
+    "weight_sync", "rollout_start", "generation", "judge_start", "judging", "learner_workers",
     "learner_models", "learner_wait", "learner_step", "save_policy", "eval_start", "evaluation",
 }
 

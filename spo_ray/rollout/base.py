@@ -52,3 +52,7 @@ class Engine(Protocol):
     def load_weights(self, path: str) -> None:
         """Swap in the policy saved as a Hugging Face folder at `path`."""
         ...
+
+    def shutdown(self) -> None:
+        """Free the engine's memory and stop any process it started; idempotent."""
+        ...

