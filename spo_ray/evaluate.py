@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
@@ -149,7 +150,13 @@ def mt_bench_answers(
 
 
 def evaluate_policy(
-    cfg: "Config", policy_path: str, held_out: list[dict], baseline: list[str] | None, engine_factory: Callable | None = None
+    cfg: "Config",
+    policy_path: str,
+    held_out: list[dict],
+    baseline: list[str] | None,
+    engine_factory: Callable | None = None,
+    timeline_dir: str | None = None,
+    submitted_at: float | None = None,
 ) -> dict:
     """Answers of the policy at `policy_path` on the held-out prompts (and MT-Bench's
     questions when `evaluate.mt_bench_source` is set) and, given π_0's answers, the judged
@@ -159,14 +166,19 @@ def evaluate_policy(
     held-out prompt's reference answer. Runs as one Ray task (resources from
     `cluster.evaluate`); plain Python otherwise. `engine_factory(cfg, policy_path)` gives
     the engine that answers: the run's rollout engines (`RolloutEngines.clients()`), or by
-    default one built here (`make_engine`).
+    default one built here (`make_engine`). With `timeline_dir` it records its start
+    (`eval_start`: from `submitted_at`, the task's submission, if given, to the engine and
+    the judge ready) and its answering and judging (`evaluation`), spo_ray/timeline.py.
     """
+    entered = time.time()
     from spo_ray.judge import attach_references, build_judge
     from spo_ray.modeling import load_tokenizer
     from spo_ray.pipeline import judge_prompts, make_engine
+    from spo_ray.timeline import record_interval, span
 
     e = cfg.evaluate
     engine = (engine_factory or make_engine)(cfg, policy_path)
+    record_interval(timeline_dir, "eval_start", submitted_at or entered, time.time())
     sampling = SamplingConfig(
         num_samples=1,
         temperature=0.0 if e.greedy else e.temperature,
@@ -175,20 +187,23 @@ def evaluate_policy(
         seed=cfg.run.seed,
     )
     prompts = [p["prompt"] for p in held_out]
-    answers, lengths = generate_answers(engine, prompts, sampling, e.batch_size, "held-out answers")
-    result: dict = {"answers": answers, "lengths": lengths, "avg_length": sum(lengths) / len(lengths)}
-    if e.mt_bench_source is not None:
-        from spo_ray.data.prompt_sets import load_mt_bench
+    with span(timeline_dir, "evaluation"):
+        answers, lengths = generate_answers(engine, prompts, sampling, e.batch_size, "held-out answers")
+        result: dict = {"answers": answers, "lengths": lengths, "avg_length": sum(lengths) / len(lengths)}
+        if e.mt_bench_source is not None:
+            from spo_ray.data.prompt_sets import load_mt_bench
 
-        questions = load_mt_bench(None if e.mt_bench_source == "shipped" else e.mt_bench_source)
-        result["mt_bench"] = mt_bench_answers(engine, questions, sampling, e.batch_size, e.mt_bench_turns)
+            questions = load_mt_bench(None if e.mt_bench_source == "shipped" else e.mt_bench_source)
+            result["mt_bench"] = mt_bench_answers(engine, questions, sampling, e.batch_size, e.mt_bench_turns)
     if baseline is None:
         return result
     print(f"[eval] judging {len(answers)} answers against π_0's, both orders ({cfg.judge.name} judge)", flush=True)
-    judge = build_judge(cfg.judge)
-    shown = judge_prompts(prompts, cfg.judge.prompt_format, load_tokenizer(policy_path, cfg.model.trust_remote_code))
-    attach_references(judge, shown, [p.get("reference") for p in held_out])
-    result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
+    with span(timeline_dir, "eval_start"):
+        judge = build_judge(cfg.judge)
+    with span(timeline_dir, "evaluation"):
+        shown = judge_prompts(prompts, cfg.judge.prompt_format, load_tokenizer(policy_path, cfg.model.trust_remote_code))
+        attach_references(judge, shown, [p.get("reference") for p in held_out])
+        result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
     return result
 
 

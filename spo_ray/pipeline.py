@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ from spo_ray.judge import attach_references, build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.hf import format_prompt
 from spo_ray.sppo import select_pair
+from spo_ray.timeline import record_interval, span
 from spo_ray.timeouts import apply_stream_timeouts
 
 if TYPE_CHECKING:
@@ -78,9 +80,14 @@ def make_engine(cfg: Config, policy_path: str, device: str | None = None):
 
 class RolloutStage:
     """Actor-pool stage: K responses per prompt from π_t (`engine_factory` swaps the
-    engine, e.g. for the simulated cost model of benchmarks/overlap.py)."""
+    engine, e.g. for the simulated cost model of benchmarks/overlap.py). With `timeline_dir`
+    it records its start and each batch's generation (spo_ray/timeline.py)."""
 
-    def __init__(self, cfg: Config, policy_path: str, iteration: int, engine_factory: Callable = make_engine) -> None:
+    def __init__(
+        self, cfg: Config, policy_path: str, iteration: int, engine_factory: Callable = make_engine, timeline_dir: str | None = None
+    ) -> None:
+        started = time.time()
+        self.timeline_dir = timeline_dir
         self.engine = engine_factory(cfg, policy_path)
         r = cfg.rollout
         self.sampling = dict(
@@ -88,12 +95,14 @@ class RolloutStage:
         )
         self.seed = cfg.run.seed
         self.iteration = iteration
+        record_interval(timeline_dir, "rollout_start", started, time.time())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ids = batch.column("prompt_id").to_pylist()
         prompts = batch.column("prompt").to_pylist()
         seed = batch_seed(self.seed, self.iteration, ids)
-        rollouts = self.engine.generate(prompts, SamplingConfig(seed=seed, **self.sampling))
+        with span(self.timeline_dir, "generation"):
+            rollouts = self.engine.generate(prompts, SamplingConfig(seed=seed, **self.sampling))
         maybe_fail("rollout_batch")  # fault injection (spo_ray/faults.py); a no-op unless asked for
         return pa.Table.from_pydict(
             {
@@ -124,12 +133,21 @@ class JudgeStage:
     """Actor-pool stage: the judge's K×K logits for each prompt, reduced to scores s_i.
 
     With `judge.prompt_format: chat` the judge sees the prompt as the policy saw it (the
-    chat template up to the assistant turn), as the paper's ranking script does.
+    chat template up to the assistant turn), as the paper's ranking script does. With
+    `timeline_dir` it records its start and each batch's judging (spo_ray/timeline.py).
     """
 
     def __init__(
-        self, cfg: JudgeConfig, policy_path: str | None, iteration: int, device: str = "cpu", judge_factory: Callable = build_judge
+        self,
+        cfg: JudgeConfig,
+        policy_path: str | None,
+        iteration: int,
+        device: str = "cpu",
+        judge_factory: Callable = build_judge,
+        timeline_dir: str | None = None,
     ) -> None:
+        started = time.time()
+        self.timeline_dir = timeline_dir
         self.judge = judge_factory(cfg, device=device)
         self.iteration = iteration
         self.prompt_format = cfg.prompt_format
@@ -138,17 +156,19 @@ class JudgeStage:
             from spo_ray.modeling import load_tokenizer
 
             self.tokenizer = load_tokenizer(policy_path)
+        record_interval(timeline_dir, "judge_start", started, time.time())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        prompts = judge_prompts(batch.column("prompt").to_pylist(), self.prompt_format, self.tokenizer)
-        attach_references(self.judge, prompts, _column(batch, "reference"))  # reference-guided judges only
-        logits = self.judge.batch_pairwise_logits(prompts, batch.column("responses").to_pylist())
-        scores = [scores_from_logits(m.double()).tolist() for m in logits]
-        maybe_fail("judge_batch")
-        judged = batch.append_column(pa.field("scores", pa.list_(pa.float64())), pa.array(scores, pa.list_(pa.float64())))
-        # Pair selection is stateless and cheap: it runs here rather than as its own Ray
-        # task, which would cost a worker start and an object-store hop per batch.
-        return select_pairs(judged, self.iteration)
+        with span(self.timeline_dir, "judging"):
+            prompts = judge_prompts(batch.column("prompt").to_pylist(), self.prompt_format, self.tokenizer)
+            attach_references(self.judge, prompts, _column(batch, "reference"))  # reference-guided judges only
+            logits = self.judge.batch_pairwise_logits(prompts, batch.column("responses").to_pylist())
+            scores = [scores_from_logits(m.double()).tolist() for m in logits]
+            maybe_fail("judge_batch")
+            judged = batch.append_column(pa.field("scores", pa.list_(pa.float64())), pa.array(scores, pa.list_(pa.float64())))
+            # Pair selection is stateless and cheap: it runs here rather than as its own Ray
+            # task, which would cost a worker start and an object-store hop per batch.
+            return select_pairs(judged, self.iteration)
 
 
 def select_pairs(batch: pa.Table, iteration: int) -> pa.Table:
@@ -197,10 +217,12 @@ def rollout_stream(
     iteration: int,
     engine_factory: Callable = make_engine,
     engines: "RolloutEngines | None" = None,
+    timeline_dir: str | None = None,
 ) -> ray.data.Dataset:
     """Prompt rows → rollout rows, through the rollout actor pool (lazy). With the run's
     persistent `engines` the pool's actors only forward batches to them and reserve
-    nothing; without, each pool actor builds its own engine with `engine_factory`."""
+    nothing; without, each pool actor builds its own engine with `engine_factory`.
+    `timeline_dir`: where the actors record their busy time (spo_ray/timeline.py)."""
     c = cfg.cluster.rollout
     resources = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus)
     if engines is not None:
@@ -210,7 +232,9 @@ def rollout_stream(
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.rollout.batch_size)))
     return ds.map_batches(
         RolloutStage,
-        fn_constructor_kwargs=dict(cfg=cfg, policy_path=policy_path, iteration=iteration, engine_factory=engine_factory),
+        fn_constructor_kwargs=dict(
+            cfg=cfg, policy_path=policy_path, iteration=iteration, engine_factory=engine_factory, timeline_dir=timeline_dir
+        ),
         batch_size=cfg.rollout.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=c.num_actors),
@@ -220,7 +244,12 @@ def rollout_stream(
 
 
 def judge_stream(
-    cfg: Config, rollouts: ray.data.Dataset, policy_path: str, iteration: int, judge_factory: Callable = build_judge
+    cfg: Config,
+    rollouts: ray.data.Dataset,
+    policy_path: str,
+    iteration: int,
+    judge_factory: Callable = build_judge,
+    timeline_dir: str | None = None,
 ) -> ray.data.Dataset:
     """Rollout rows → pair rows (with skip reasons), through the judge actor pool (lazy)."""
     c = cfg.cluster.judge
@@ -232,6 +261,7 @@ def judge_stream(
             iteration=iteration,
             device="cuda" if c.num_gpus > 0 else "cpu",
             judge_factory=judge_factory,
+            timeline_dir=timeline_dir,
         ),
         batch_size=cfg.judge.batch_size,
         batch_format="pyarrow",
@@ -243,11 +273,16 @@ def judge_stream(
 
 
 def build_pair_stream(
-    cfg: Config, prompts: list[dict], policy_path: str, iteration: int, engines: "RolloutEngines | None" = None
+    cfg: Config,
+    prompts: list[dict],
+    policy_path: str,
+    iteration: int,
+    engines: "RolloutEngines | None" = None,
+    timeline_dir: str | None = None,
 ) -> ray.data.Dataset:
     """The lazy Ray Data stream of one iteration's pair rows (nothing runs until consumed)."""
-    rollouts = rollout_stream(cfg, prompts, policy_path, iteration, engines=engines)
-    return apply_stream_timeouts(judge_stream(cfg, rollouts, policy_path, iteration), cfg)
+    rollouts = rollout_stream(cfg, prompts, policy_path, iteration, engines=engines, timeline_dir=timeline_dir)
+    return apply_stream_timeouts(judge_stream(cfg, rollouts, policy_path, iteration, timeline_dir=timeline_dir), cfg)
 
 
 def remaining_pair_stream(
@@ -255,11 +290,14 @@ def remaining_pair_stream(
 ) -> ray.data.Dataset:
     """The stream of the prompts whose row is not persisted in `iter_dir` yet. Ray Train
     calls it each time it (re)starts the learner, so a restart generates nothing twice."""
-    from spo_ray.run_dir import persisted_prompt_ids
+    from spo_ray.run_dir import persisted_prompt_ids, timeline_parts
 
     done = persisted_prompt_ids(iter_dir)
     todo = [p for p in prompts if p["prompt_id"] not in done]
-    stream = build_pair_stream(cfg, todo, policy_path, iteration, engines) if todo else ray.data.from_arrow(STREAM_SCHEMA.empty_table())
+    if todo:
+        stream = build_pair_stream(cfg, todo, policy_path, iteration, engines, str(timeline_parts(iter_dir)))
+    else:
+        stream = ray.data.from_arrow(STREAM_SCHEMA.empty_table())
     return pad_for_workers(stream, len(todo), cfg.cluster.learner.num_workers)
 
 

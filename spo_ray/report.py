@@ -1,4 +1,5 @@
-"""`report.md` and the win-rate plot, rebuilt from the run directory after each iteration."""
+"""`report.md` and its plots (win rate, log-ratios, timeline), rebuilt from the run
+directory after each iteration."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from pathlib import Path
 
 from spo_ray.run_dir import RunDir
+from spo_ray.timeline import STAGES, WORK_STAGES
 
 
 def _plot(rows: list[dict], out: Path) -> None:
@@ -55,6 +57,35 @@ def _plot_steps(steps: list[dict], out: Path) -> None:
     _save(fig, out)
 
 
+def _plot_timeline(timelines: list[dict], out: Path) -> None:
+    """One row per stage, a bar wherever it was busy; the iterations one after another on one
+    time axis (dotted: an iteration's start). Work in blue, the learner waiting for rows in
+    orange, other overhead (starting, loading, saving, syncing) in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = {name: n for n, name in enumerate(STAGES)}
+    names = sorted({s["name"] for tl in timelines for s in tl["stages"]}, key=lambda name: (order.get(name, len(order)), name))
+    row = {name: n for n, name in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(names)), dpi=120)
+    offset = 0.0
+    for tl in timelines:
+        for stage in tl["stages"]:
+            bars = [(offset + a, max(b - a, 1e-3)) for a, b in stage["intervals"]]
+            color = "tab:blue" if stage["name"] in WORK_STAGES else "tab:orange" if stage["name"] == "learner_wait" else "tab:gray"
+            ax.broken_barh(bars, (row[stage["name"]] - 0.35, 0.7), color=color)
+        ax.axvline(offset, color="black", linestyle=":", linewidth=1)
+        ax.text(offset, -0.6, f" t={tl['iteration']}: {tl['work_s']:.0f}s work / {tl['wall_s']:.0f}s", fontsize=7, va="bottom")
+        offset += tl["wall_s"]
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_ylim(len(names) - 0.5, -0.9)  # first stage on top, room for the iteration labels
+    ax.set_xlim(0, max(offset, 1e-3))
+    ax.set_xlabel("seconds, iterations one after another (blue: work; orange: learner waits for rows; grey: other overhead)")
+    _save(fig, out)
+
+
 def _save(fig, out: Path) -> None:
     """Write-then-rename, like report.md: a run killed mid-write keeps the previous plot."""
     import matplotlib.pyplot as plt
@@ -87,6 +118,46 @@ def iteration_rows(run: RunDir) -> list[dict]:
     return [rows[t] for t in sorted(rows)]
 
 
+def timeline_rows(run: RunDir) -> list[dict]:
+    """The timeline record of each finished iteration (from metrics.jsonl; the last counts)."""
+    rows = {}
+    for m in run.metrics():
+        if m.get("kind") == "timeline":
+            rows[m["iteration"]] = m
+    return [rows[t] for t in sorted(rows)]
+
+
+def timeline_section(timelines: list[dict]) -> list[str]:
+    """The report's timeline: the chart and each stage's busy seconds per iteration."""
+    order = {name: n for n, name in enumerate(STAGES)}
+    names = sorted({s["name"] for tl in timelines for s in tl["stages"]}, key=lambda name: (order.get(name, len(order)), name))
+    busy = [{s["name"]: s["busy_s"] for s in tl["stages"]} for tl in timelines]
+    lines = [
+        "",
+        "## Where the time went",
+        "",
+        "Busy intervals per stage, as recorded where the work happens (iter_t/timeline.json). Work is the union "
+        f"of the {', '.join(sorted(WORK_STAGES))} intervals (overlapping work counts once); overhead = wall − work.",
+        "",
+        "![timeline](timeline.png)",
+        "",
+        "| stage (busy s) | " + " | ".join(f"t={tl['iteration']}" for tl in timelines) + " |",
+        "|---" * (len(timelines) + 1) + "|",
+    ]
+    for name in names:
+        cells = " | ".join(f"{b[name]:.1f}" if name in b else "" for b in busy)
+        lines.append(f"| {'**' + name + '**' if name in WORK_STAGES else name} | {cells} |")
+    lines.append("| wall / work / overhead | " + " | ".join(f"{tl['wall_s']:.0f} / {tl['work_s']:.0f} / {tl['wall_s'] - tl['work_s']:.0f}" for tl in timelines) + " |")
+    return lines
+
+
+def _overhead(r: dict) -> str:
+    """`overhead of wall` seconds; records from before the timeline have neither."""
+    if "wall_s" not in r:
+        return "?"
+    return f"{r['wall_s'] - r['work_s']:.0f} of {r['wall_s']:.0f}"
+
+
 def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dict]) -> Path:
     rows = iteration_rows(run)
     run.write_json("iterations.json", rows)  # the table's records, for other tools and benchmarks/results
@@ -103,8 +174,8 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
         "gave a finite margin, with a 95 % Wilson interval; prompts with a NaN/inf margin are counted "
         "under judge NaN and left out.",
         "",
-        "| t | pairs | skipped | loss | a (chosen) | b (rejected) | margin a−b | win rate vs π_0 [95 % CI] | wins / ties / losses | judge NaN | avg length (tokens) | stream+train s | eval s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| t | pairs | skipped | loss | a (chosen) | b (rejected) | margin a−b | win rate vs π_0 [95 % CI] | wins / ties / losses | judge NaN | avg length (tokens) | stream+train s | eval s | overhead s (of wall) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         skipped = ", ".join(f"{k}: {v}" for k, v in sorted(r["skipped"].items())) or "0"
@@ -112,12 +183,16 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
             f"| {r['iteration']} | {r['pairs']} | {skipped} | {r['loss']:.4g} | {r['chosen_logratio']:+.3f} | "
             f"{r['rejected_logratio']:+.3f} | {r['margin']:+.3f} | {r['win_rate']:.3f} "
             f"[{r['win_rate_ci'][0]:.3f}, {r['win_rate_ci'][1]:.3f}] | {_outcome_counts(r)} | {r.get('judge_nan', '?')} | "
-            f"{r['avg_length']:.1f} (π_0: {r['baseline_avg_length']:.1f}) | {r['train_s']:.0f} | {r['eval_s']:.0f} |"
+            f"{r['avg_length']:.1f} (π_0: {r['baseline_avg_length']:.1f}) | {r['train_s']:.0f} | {r['eval_s']:.0f} | {_overhead(r)} |"
         )
     if rows:
         _plot(rows, run.path / "win_rate.png")
         lines += ["", "![win rate per iteration](win_rate.png)"]
         lines += data_handling(rows)
+    timelines = timeline_rows(run)
+    if timelines:
+        _plot_timeline(timelines, run.path / "timeline.png")
+        lines += timeline_section(timelines)
     steps = step_rows(run)
     if steps:
         _plot_steps(steps, run.path / "logratios.png")

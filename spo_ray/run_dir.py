@@ -7,6 +7,8 @@
       iter_<t>/pairs/*.parquet  the iteration's pair rows;  iter_<t>/skipped/*.parquet
       iter_<t>/policy/          π_t;  iter_<t>/eval.json;  iter_<t>/answers.json
       iter_<t>/train_metrics.jsonl  iter_<t>/learner_summary.json
+      iter_<t>/timeline.json    where the iteration's time went (spo_ray/timeline.py), merged from
+                                iter_<t>/timeline_parts/*.jsonl, one file per recording process
       iter_<t>/model_outputs.json  iter_<t>/mt_bench_answers.jsonl  (answer files, evaluate.py)
       iter_<t>/checkpoints/step_<n>/  the learner's last step checkpoint (DeepSpeed + position.json),
                                       removed once the `train` stage is done
@@ -87,6 +89,12 @@ class RunDir:
     def policy(self, t: int) -> Path:
         return self.iter_dir(t) / "policy"
 
+    def timeline(self, t: int) -> Path:
+        return self.iter_dir(t) / "timeline.json"
+
+    def timeline_parts(self, t: int) -> Path:
+        return timeline_parts(self.iter_dir(t))
+
     # -- manifest --------------------------------------------------------------------
     def manifest(self) -> dict[str, list[str]]:
         if not self.manifest_path.exists():
@@ -105,7 +113,8 @@ class RunDir:
         """Before an unfinished `train` stage (re)starts: drop its outputs that only a finished
         stage writes (π_t, the summary) and half-written temporaries; keep the persisted pairs,
         skipped prompts, step checkpoints and step metrics it resumes from."""
-        for name in ("policy", "learner_summary.json"):
+        # The timeline's parts too: the restarted stage's timeline is this attempt's.
+        for name in ("policy", "learner_summary.json", "timeline_parts"):
             target = self.iter_dir(t) / name
             if target.is_dir():
                 shutil.rmtree(target)
@@ -136,6 +145,12 @@ class RunDir:
 
     def metrics(self) -> list[dict]:
         return self.read_jsonl("metrics.jsonl")
+
+
+def timeline_parts(iter_dir: str | Path) -> Path:
+    """Where an iteration's processes record their busy intervals (spo_ray/timeline.py): for
+    code that knows the iteration's folder but not the RunDir (stage actors, learner workers)."""
+    return Path(iter_dir) / "timeline_parts"
 
 
 def persisted_prompt_ids(iter_dir: str | Path) -> set[str]:

@@ -7,6 +7,7 @@ One iteration t turns π_{t-1} into π_t (DESIGN.md §1, §3):
                   and save π_t as an HF folder: iter_t/policy
     3. evaluate   π_t's answers vs π_0's on held-out prompts              (evaluate.py)
     4. report     metrics.jsonl, report.md, win_rate.png                  (report.py)
+                  and where the time went: iter_t/timeline.json           (timeline.py)
 
 The run directory's manifest records each finished stage, so the same command with the
 same `run.dir` resumes after the last finished one.
@@ -31,6 +32,7 @@ from spo_ray.report import write_report
 from spo_ray.rollout.engines import RolloutEngines
 from spo_ray.run_dir import RunDir, persisted_prompt_ids
 from spo_ray.sweep import sweep_run_dir
+from spo_ray.timeline import biggest_overheads, span, write_timeline
 from spo_ray.timeouts import explain_timeout, trainer_start_env
 
 log = logging.getLogger("spo_ray")
@@ -151,6 +153,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
             out_dir=str(run.policy(t)),
             num_prompts=num_prompts,
             iteration=t,
+            fit_at=time.time(),  # the workers' start-up is timed from here (spo_ray/timeline.py)
             **loop_extra,
         ),
         scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
@@ -208,7 +211,8 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
     e = cfg.cluster.evaluate
     task = ray.remote(evaluate_policy).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus)
     baseline = None if t == 0 else run.read_json("iter_0/answers.json")["answers"]
-    ref = task.remote(cfg, policy_path, held_out, baseline, engines.clients())
+    timeline = str(run.timeline_parts(t)) if t > 0 else None  # π_0's answers are the run's set-up, not an iteration
+    ref = task.remote(cfg, policy_path, held_out, baseline, engines.clients(), timeline, time.time())
     try:
         result = ray.get(ref, timeout=cfg.run.timeouts.eval_s)
     except ray.exceptions.GetTimeoutError:
@@ -226,9 +230,13 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
 
 def start_engines(cfg: Config, policy_path: str, t: int) -> RolloutEngines:
     """The run's rollout engines (cluster.rollout), holding `policy_path`; they stay up for
-    the rest of the run and are given each new π in place (spo_ray/rollout/engines.py)."""
+    the rest of the run and are given each new π in place (spo_ray/rollout/engines.py).
+    Started once, before π_0's evaluation: their start-up is the run's, in no iteration's
+    timeline."""
+    start = time.time()
     engines = RolloutEngines(cfg, policy_path)
     engines.wait_started(t, cfg)
+    print(f"[spo_ray] {len(engines.actors)} rollout engine(s) ({cfg.rollout.engine}) up in {time.time() - start:.1f}s", flush=True)
     return engines
 
 
@@ -236,7 +244,8 @@ def sync_engines(cfg: Config, run: RunDir, engines: RolloutEngines, policy_path:
     """π_t to every rollout engine before the next stream: from storage, or, when the
     learner broadcast it (rollout.weight_sync=nccl), only to the engines it missed."""
     start = time.time()
-    loads = engines.load(policy_path)
+    with span(run.timeline_parts(t), "weight_sync"):
+        loads = engines.load(policy_path)
     push_file = run.iter_dir(t) / "weight_push.json"
     push = run.read_json(f"iter_{t}/weight_push.json") if push_file.exists() else None
     record = {
@@ -257,10 +266,11 @@ def sync_engines(cfg: Config, run: RunDir, engines: RolloutEngines, policy_path:
 
 # ---------------------------------------------------------------------------- recipe
 def iteration_record(
-    run: RunDir, t: int, summary: dict, steps: list[dict], evaluation: dict, train_s: float, eval_s: float
+    run: RunDir, t: int, summary: dict, steps: list[dict], evaluation: dict, train_s: float, eval_s: float, timeline: dict | None = None
 ) -> dict:
     mean = lambda key: sum(s[key] * s["pairs"] for s in steps) / max(1, sum(s["pairs"] for s in steps))  # noqa: E731
     baseline_lengths = run.read_json("iter_0/answers.json")["lengths"]
+    times = {key: timeline[key] for key in ("wall_s", "work_s", "overhead_s")} if timeline else {}
     return {
         "kind": "iteration",
         "iteration": t,
@@ -277,6 +287,7 @@ def iteration_record(
         "baseline_avg_length": sum(baseline_lengths) / len(baseline_lengths),
         "train_s": train_s,
         "eval_s": eval_s,
+        **times,
     }
 
 
@@ -328,7 +339,7 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
                 policy = str(run.policy(t))
                 continue
             batch = iteration_prompts(prompts.train, t, cfg.data.prompts_per_iteration)
-            start = time.time()
+            start = iteration_start = time.time()
             if not run.done(t, "train"):
                 run.prepare_train(t)
                 persisted = len(persisted_prompt_ids(run.iter_dir(t)))
@@ -348,19 +359,24 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
                 sync_engines(cfg, run, engines, policy, t)  # colocated: evaluation's first batch wakes them with π_t
             start = time.time()
             evaluation = evaluate(cfg, run, prompts.held_out, policy, t, engines)
+            eval_s = time.time() - start
+            timeline = write_timeline(run, t, iteration_start)
             steps = run.read_jsonl(f"iter_{t}/train_metrics.jsonl")
-            record = iteration_record(run, t, summary, steps, evaluation, train_s, time.time() - start)
+            record = iteration_record(run, t, summary, steps, evaluation, train_s, eval_s, timeline)
             # A driver killed after appending them but before marking eval done has them already.
             if not any(m.get("kind") == "iteration" and m.get("iteration") == t for m in run.metrics()):
                 for step in steps:
                     run.append_metrics({"kind": "step", **step})
+                run.append_metrics({"kind": "timeline", "iteration": t, **timeline})
                 run.append_metrics(record)
             run.mark_done(t, "eval")
             print(
                 f"[spo_ray] iteration {t}: {summary['pairs']} pairs (skipped {summary['skipped'] or 0}), "
                 f"win rate vs π_0 {record['win_rate']:.3f} [{record['win_rate_ci'][0]:.3f}, {record['win_rate_ci'][1]:.3f}] "
                 f"({record['wins']} wins, {record['ties']} ties, {record['losses']} losses, {record['judge_nan']} judge NaN), "
-                f"avg length {record['avg_length']:.1f}",
+                f"avg length {record['avg_length']:.1f}; {timeline['wall_s']:.0f}s wall, {timeline['work_s']:.0f}s work, "
+                f"overhead {timeline['overhead_s']:.0f}s (most: "
+                + ", ".join(f"{name} {busy:.0f}s" for name, busy in biggest_overheads(timeline)) + ")",
                 flush=True,
             )
             write_report(run, config_summary(cfg, prompts.reuse), _examples(run, prompts.held_out, t))

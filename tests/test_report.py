@@ -102,3 +102,26 @@ def test_records_from_before_wins_and_losses_were_counted_still_report(tmp_path)
     run.append_metrics(old)
     report = write_report(run, {"experiment": "x"}, []).read_text()
     assert "| 0.550 [0.450, 0.650] | ? / 3 / ? (n=48) | ? | 40.0 (π_0: 41.5) |" in report
+    assert "| 300 | 60 | ? |" in report  # nor a timeline: its overhead is unknown
+
+
+def _timeline(t: int, wall: float, work: float) -> dict:
+    stages = [
+        {"name": "judge_start", "start_s": 0.0, "end_s": 4.0, "busy_s": 4.0, "intervals": [[0.0, 4.0]]},
+        {"name": "generation", "start_s": 1.0, "end_s": 1.0 + work, "busy_s": work, "intervals": [[1.0, 1.0 + work]]},
+    ]
+    return {"kind": "timeline", "iteration": t, "wall_s": wall, "work_s": work, "overhead_s": wall - work, "stages": stages}
+
+
+def test_the_timeline_is_charted_and_the_overhead_is_in_the_table(tmp_path):
+    run = RunDir(tmp_path / "run")
+    for t, (wall, work) in ((1, (200.0, 80.0)), (2, (150.0, 90.0))):
+        run.append_metrics(_timeline(t, wall, work))
+        run.append_metrics({**_iteration(t, 0.5), "wall_s": wall, "work_s": work, "overhead_s": wall - work})
+    report = write_report(run, {"experiment": "x"}, []).read_text()
+
+    assert "| 300 | 60 | 120 of 200 |" in report and "| 300 | 60 | 60 of 150 |" in report
+    assert "## Where the time went" in report and "![timeline](timeline.png)" in report
+    assert (run.path / "timeline.png").stat().st_size > 1000
+    assert "| judge_start | 4.0 | 4.0 |" in report and "| **generation** | 80.0 | 90.0 |" in report  # work in bold
+    assert "| wall / work / overhead | 200 / 80 / 120 | 150 / 90 / 60 |" in report

@@ -43,8 +43,8 @@ def stubbed(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "prepare_prompts", lambda cfg, run: train.Prompts(PROMPTS[:4], PROMPTS[4:], {}))
     monkeypatch.setattr(train, "connect_ray", lambda cfg: None)
     monkeypatch.setattr(train, "initial_policy", lambda cfg, run: str(run.policy(0)))
-    monkeypatch.setattr(train, "start_engines", lambda cfg, policy, t: SimpleNamespace(shutdown=lambda: None))
-    monkeypatch.setattr(train, "sync_engines", lambda cfg, run, engines, policy, t: None)
+    # engines that take every policy at once (sync_engines runs for real on them)
+    monkeypatch.setattr(train, "start_engines", lambda cfg, policy, t: SimpleNamespace(shutdown=lambda: None, load=lambda p: [{"how": "storage", "seconds": 0.0}]))
     monkeypatch.setattr(train, "stream_and_train", _fake_stream_and_train)
     monkeypatch.setattr(train, "evaluate", _fake_evaluate)
     monkeypatch.setattr(train, "write_report", lambda run, summary, examples: run.path / "report.md")
@@ -67,7 +67,11 @@ def test_a_driver_killed_after_appending_an_iterations_records_does_not_append_t
     run = train.run_sppo(stubbed)  # the same command again
 
     assert run.done(1, "eval")
-    assert [(m["kind"], m.get("step")) for m in run.metrics()] == [("step", 1), ("step", 2), ("iteration", None)]
+    assert [(m["kind"], m.get("step")) for m in run.metrics()] == [("step", 1), ("step", 2), ("timeline", None), ("iteration", None)]
+    # the timeline holds the driver's own stage (π_1 to the engines; the rest is stubbed)
+    timeline = run.read_json("iter_1/timeline.json")
+    assert [s["name"] for s in timeline["stages"]] == ["weight_sync"] and timeline["work_s"] == 0
+    assert [s["name"] for s in run.metrics()[2]["stages"]] == ["weight_sync"]
 
 
 def test_the_step_checkpoints_are_removed_once_train_is_done_and_pi_t_is_kept(stubbed, monkeypatch):

@@ -7,7 +7,9 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from spo_ray.timeline import STAGES
 from tests.conftest import REPO
+from tests.test_timeline import assert_invariants
 
 FAST = [
     "experiment=tiny",
@@ -17,6 +19,13 @@ FAST = [
     "rollout.max_new_tokens=16",
     "evaluate.max_new_tokens=16",
 ]
+
+# What every iteration of these runs records (at least): π_t goes to the engines after every
+# iteration (they answer its evaluation).
+TINY_STAGES = {
+    "weight_sync", "rollout_start", "generation", "judge_start", "judging", "learner_workers",
+    "learner_models", "learner_wait", "learner_step", "save_policy", "eval_start", "evaluation",
+}
 
 
 def _train(run_dir, *overrides):
@@ -62,6 +71,18 @@ def test_two_iterations_write_the_run_directory_and_resume(ray_session, tmp_path
 
     report = (run / "report.md").read_text()
     assert "| 2 |" in report and "win_rate.png" in report and "## Examples" in report
+
+    # where each iteration's time went, recorded by the driver, the stage actors, the learner
+    # workers and the evaluation task (each iteration here starts its driver, so its engines)
+    timelines = [r for r in records if r["kind"] == "timeline"]
+    assert [r["iteration"] for r in timelines] == [1, 2]
+    for t, in_metrics in zip((1, 2), timelines):
+        timeline = json.loads((run / f"iter_{t}" / "timeline.json").read_text())
+        assert {k: v for k, v in in_metrics.items() if k not in ("kind", "iteration")} == timeline
+        assert_invariants(timeline)
+        assert TINY_STAGES <= {s["name"] for s in timeline["stages"]} <= set(STAGES)
+        assert timeline["work_s"] > 0 and iterations[t - 1]["overhead_s"] == timeline["overhead_s"]
+    assert "## Where the time went" in report and (run / "timeline.png").stat().st_size > 1000
 
     pi0 = AutoModelForCausalLM.from_pretrained(run / "iter_0" / "policy")
     pi1 = AutoModelForCausalLM.from_pretrained(run / "iter_1" / "policy")

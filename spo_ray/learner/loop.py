@@ -34,8 +34,9 @@ from spo_ray.data.schema import TokenStats, collate_pairs, pair_table
 from spo_ray.faults import maybe_fail
 from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule
 from spo_ray.learner.resume import FILLER, Position, deal, epoch_order, filler_row, persisted_rows, restore, save_checkpoint
-from spo_ray.run_dir import write_json_atomic
+from spo_ray.run_dir import timeline_parts, write_json_atomic
 from spo_ray.sppo import preference_loss, sequence_logps
+from spo_ray.timeline import record_interval, span
 
 
 @dataclass
@@ -215,6 +216,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     iter_dir = Path(loop_config["iter_dir"])
     iteration: int = loop_config["iteration"]
     num_prompts: int = loop_config["num_prompts"]
+    timeline = timeline_parts(iter_dir)  # this worker's busy intervals (spo_ray/timeline.py)
+    # From the driver's fit() to here: worker processes, their process group, this module's
+    # imports. After a learner restart it spans the failed attempt too.
+    record_interval(timeline, "learner_workers", loop_config["fit_at"], time.time())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     l = cfg.learner
@@ -224,7 +229,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     gas = gradient_accumulation_steps(l, world)
     total_steps = max(1, math.ceil(num_prompts / l.global_batch_size)) * l.epochs  # an upper bound: skipped prompts shorten it
-    models = build_models(cfg, policy_path, device, world, total_steps)
+    with span(timeline, "learner_models"):
+        models = build_models(cfg, policy_path, device, world, total_steps)
     tokenizer, engine, reference, scheduler = models.tokenizer, models.engine, models.reference, models.scheduler
 
     # Resume: the newest step checkpoint and every row persisted so far (all ranks read the
@@ -270,22 +276,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
             yield group
 
     simulate_step_s = loop_config.get("simulate_step_s")  # benchmarks/overlap.py --simulate
+    waiting = time.time()  # for the stream's first rows, then for each next step's, then for its end
     for epoch in range(position.epoch, l.epochs):
         trained = set(position.consumed) if epoch == position.epoch else set()
         if epoch != position.epoch:
             position.consumed = []
         for group in step_groups(epoch_rows(epoch, trained)):
+            record_interval(timeline, "learner_wait", waiting, time.time())
             ids = [r["prompt_id"] for micro in group for r in micro if r["skip_reason"] != FILLER]
             if simulate_step_s is not None:  # the cost model: only the work is replaced
                 summary.steps += 1
-                time.sleep(simulate_step_s)
+                with span(timeline, "learner_step"):
+                    time.sleep(simulate_step_s)
                 if rank == 0:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps({"step": summary.steps, "elapsed_s": round(time.time() - started, 2)}) + "\n")
+                waiting = time.time()
                 continue
-            # Count truncations and untokenizable pairs once, in the streamed epoch.
-            totals = _accumulate_gradients(engine, reference, tokenizer, group, l, device, stats if epoch == 0 else TokenStats())
-            engine.step()
+            # The step's work only: the wait for its rows (the stream) is not in it.
+            with span(timeline, "learner_step"):
+                # Count truncations and untokenizable pairs once, in the streamed epoch.
+                totals = _accumulate_gradients(engine, reference, tokenizer, group, l, device, stats if epoch == 0 else TokenStats())
+                engine.step()
             summary.steps += 1
             if world > 1:
                 torch.distributed.all_reduce(totals)
@@ -307,19 +319,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         flush=True,
                     )
             if l.checkpoint_every and summary.steps % l.checkpoint_every == 0:
-                _record_stats(position, stats, world)
-                save_checkpoint(engine, iter_dir, position, rank, world)
+                with span(timeline, "learner_checkpoint"):
+                    _record_stats(position, stats, world)
+                    save_checkpoint(engine, iter_dir, position, rank, world)
             maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
+            waiting = time.time()
+    record_interval(timeline, "learner_wait", waiting, time.time())
 
     summary.prompts_truncated = stats.prompts_truncated
     summary.responses_truncated = stats.responses_truncated
     summary.skipped = dict(stats.reasons)  # pairs the tokenizer failed on (weight 0); see _finish
-    _finish(engine, tokenizer, cfg, iter_dir, summary, rank, world, loop_config["out_dir"])
+    with span(timeline, "save_policy"):
+        _finish(engine, tokenizer, cfg, iter_dir, summary, rank, world, loop_config["out_dir"])
     if loop_config.get("engines") is not None:  # rollout.weight_sync=nccl: push π_{t+1} to the rollout engines
         from spo_ray.rollout.engines import push_weights
 
         agree = lambda ok: _all_gather(ok, world)[0]  # noqa: E731 - rank 0's word on every rank
-        pushed = push_weights(engine.module, cfg, loop_config["engines"], loop_config["out_dir"], rank, device, agree)
+        with span(timeline, "weight_sync"):
+            pushed = push_weights(engine.module, cfg, loop_config["engines"], loop_config["out_dir"], rank, device, agree)
         if rank == 0:
             write_json_atomic(iter_dir / "weight_push.json", pushed)
     ray.train.report({"steps": summary.steps, "streamed_rows": summary.streamed_rows})
