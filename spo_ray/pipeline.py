@@ -27,6 +27,7 @@ from spo_ray.data.schema import STREAM_COLUMNS, PAIR_SCHEMA
 from spo_ray.faults import maybe_fail
 from spo_ray.judge import attach_references, build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
+from spo_ray.rollout.factory import make_engine
 from spo_ray.rollout.hf import format_prompt
 from spo_ray.sppo import select_pair
 from spo_ray.timeline import record_interval, span
@@ -59,23 +60,6 @@ def batch_seed(seed: int, iteration: int, prompt_ids: Sequence[str]) -> int:
     prompts, so any actor (or a restarted one) draws the same samples."""
     digest = hashlib.sha256(f"{seed}/{iteration}/{'|'.join(prompt_ids)}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def make_engine(cfg: Config, policy_path: str, device: str | None = None):
-    """The rollout engine named by `rollout.engine`, holding the policy at `policy_path`."""
-    if cfg.rollout.engine == "vllm":
-        from spo_ray.rollout.vllm import VLLMEngine  # optional extra: `pip install spo_ray[vllm]`
-
-        return VLLMEngine.from_config(cfg, policy_path)
-    from spo_ray.rollout.hf import HFEngine
-
-    return HFEngine(
-        policy_path,
-        dtype=cfg.model.dtype,
-        device=device,
-        trust_remote_code=cfg.model.trust_remote_code,
-        max_prompt_tokens=cfg.learner.max_prompt_length,
-    )
 
 
 class RolloutStage:
