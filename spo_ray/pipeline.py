@@ -23,12 +23,12 @@ import ray
 import torch
 
 from spo_ray.config import Config, JudgeConfig
+from spo_ray.data.chat import judge_prompts
 from spo_ray.data.schema import STREAM_COLUMNS, PAIR_SCHEMA
 from spo_ray.faults import maybe_fail
 from spo_ray.judge import attach_references, build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.factory import make_engine
-from spo_ray.rollout.hf import format_prompt
 from spo_ray.sppo import select_pair
 from spo_ray.timeline import record_interval, span
 from spo_ray.timeouts import apply_stream_timeouts
@@ -103,14 +103,6 @@ class RolloutStage:
 def _column(batch: pa.Table, name: str) -> list:
     """A column's values, or nulls when the batch has no such column."""
     return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
-
-
-def judge_prompts(prompts: Sequence[str], prompt_format: str, tokenizer=None) -> list[str]:
-    """The prompt text the judge sees: `chat` — as the policy saw it (its chat template up
-    to the assistant turn, as the paper's ranking script does); `raw` — the user text."""
-    if prompt_format == "chat" and tokenizer is not None:
-        return [format_prompt(tokenizer, p) for p in prompts]
-    return list(prompts)
 
 
 class JudgeStage:

@@ -156,7 +156,7 @@ def test_mt_bench_turn_two_sees_the_policys_own_first_answer(tmp_path):
 
 def test_format_prompt_renders_a_conversation_with_the_chat_template(tiny_policy):
     from spo_ray.modeling import load_tokenizer
-    from spo_ray.rollout.hf import format_prompt
+    from spo_ray.data.chat import format_prompt
 
     tok = load_tokenizer(tiny_policy)
     conversation = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]

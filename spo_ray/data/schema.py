@@ -17,7 +17,7 @@ import pyarrow as pa
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from spo_ray.rollout.hf import format_prompt
+from spo_ray.data.chat import format_prompt
 
 PROMPT_COLUMNS = ("prompt_id", "prompt")
 
