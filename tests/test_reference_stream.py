@@ -12,7 +12,8 @@ import torch
 
 from spo_ray.judge import attach_references
 from spo_ray.judge.reference import ReferenceJudge
-from spo_ray.pipeline import ROLLOUT_SCHEMA, JudgeStage, RolloutStage
+from spo_ray.data.schema import ROLLOUT_SCHEMA
+from spo_ray.pipeline import JudgeStage, RolloutStage
 from spo_ray.rollout.base import Rollout
 from tests.conftest import compose
 
