@@ -69,7 +69,8 @@ class SimulatedJudge:
 
 
 def run_once(cfg, policy: str, prompts: list[dict], mode: str, args) -> float:
-    from spo_ray.pipeline import judge_stream, make_engine, rollout_stream
+    from spo_ray.pipeline import judge_stream, rollout_stream
+    from spo_ray.rollout.factory import make_engine
     from spo_ray.judge import build_judge
     from spo_ray.run_dir import RunDir
     from spo_ray.train import make_trainer

@@ -173,7 +173,8 @@ def evaluate_policy(
     entered = time.time()
     from spo_ray.judge import attach_references, build_judge
     from spo_ray.modeling import load_tokenizer
-    from spo_ray.pipeline import judge_prompts, make_engine
+    from spo_ray.data.chat import judge_prompts
+    from spo_ray.rollout.factory import make_engine
     from spo_ray.timeline import record_interval, span
 
     e = cfg.evaluate

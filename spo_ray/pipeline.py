@@ -20,31 +20,20 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import pyarrow as pa
 import ray
-import torch
 
 from spo_ray.config import Config, JudgeConfig
-from spo_ray.data.schema import STREAM_COLUMNS, PAIR_SCHEMA
+from spo_ray.data.chat import judge_prompts
+from spo_ray.data.schema import ROLLOUT_SCHEMA, STREAM_SCHEMA, filler_row, select_pairs
 from spo_ray.faults import maybe_fail
 from spo_ray.judge import attach_references, build_judge, scores_from_logits
 from spo_ray.rollout.base import SamplingConfig
-from spo_ray.rollout.hf import format_prompt
-from spo_ray.sppo import select_pair
+from spo_ray.rollout.factory import make_engine
 from spo_ray.timeline import record_interval, span
 from spo_ray.timeouts import apply_stream_timeouts
 
 if TYPE_CHECKING:
     from spo_ray.rollout.engines import RolloutEngines
 
-ROLLOUT_SCHEMA = pa.schema(
-    [
-        ("prompt_id", pa.string()),
-        ("prompt", pa.string()),
-        ("responses", pa.list_(pa.string())),
-        ("response_tokens", pa.list_(pa.int64())),
-        ("reference", pa.string()),  # the prompt's reference answer; null unless the prompt has one
-    ]
-)
-STREAM_SCHEMA = PAIR_SCHEMA.append(pa.field("skip_reason", pa.string()))
 # A pool actor that dies (node lost, OOM, crash) is restarted and the batch it was working
 # on is retried on it, so a lost actor loses no prompt and repeats none (each batch's
 # output is only taken once). These are Ray Data 2.60's own defaults for actor pools
@@ -59,23 +48,6 @@ def batch_seed(seed: int, iteration: int, prompt_ids: Sequence[str]) -> int:
     prompts, so any actor (or a restarted one) draws the same samples."""
     digest = hashlib.sha256(f"{seed}/{iteration}/{'|'.join(prompt_ids)}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
-
-
-def make_engine(cfg: Config, policy_path: str, device: str | None = None):
-    """The rollout engine named by `rollout.engine`, holding the policy at `policy_path`."""
-    if cfg.rollout.engine == "vllm":
-        from spo_ray.rollout.vllm import VLLMEngine  # optional extra: `pip install spo_ray[vllm]`
-
-        return VLLMEngine.from_config(cfg, policy_path)
-    from spo_ray.rollout.hf import HFEngine
-
-    return HFEngine(
-        policy_path,
-        dtype=cfg.model.dtype,
-        device=device,
-        trust_remote_code=cfg.model.trust_remote_code,
-        max_prompt_tokens=cfg.learner.max_prompt_length,
-    )
 
 
 class RolloutStage:
@@ -121,14 +93,6 @@ def _column(batch: pa.Table, name: str) -> list:
     return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
 
-def judge_prompts(prompts: Sequence[str], prompt_format: str, tokenizer=None) -> list[str]:
-    """The prompt text the judge sees: `chat` — as the policy saw it (its chat template up
-    to the assistant turn, as the paper's ranking script does); `raw` — the user text."""
-    if prompt_format == "chat" and tokenizer is not None:
-        return [format_prompt(tokenizer, p) for p in prompts]
-    return list(prompts)
-
-
 class JudgeStage:
     """Actor-pool stage: the judge's K×K logits for each prompt, reduced to scores s_i.
 
@@ -169,45 +133,6 @@ class JudgeStage:
             # Pair selection is stateless and cheap: it runs here rather than as its own Ray
             # task, which would cost a worker start and an object-store hop per batch.
             return select_pairs(judged, self.iteration)
-
-
-def select_pairs(batch: pa.Table, iteration: int) -> pa.Table:
-    """Stateless map: chosen = argmax p̂, rejected = argmin p̂ (DESIGN.md §1, steps 3–4).
-
-    Prompts without a pair keep their row with a `skip_reason` (`all_tied`, `judge_nan`,
-    `too_few_responses`), so the learner can count them: rows out + skips = prompts in.
-    """
-    out = {name: [] for name in STREAM_COLUMNS}
-    for row in batch.to_pylist():
-        scores, responses = row["scores"], row["responses"]
-        choice, reason = None, ""
-        if len(responses) < 2:
-            reason = "too_few_responses"
-        elif any(not math.isfinite(s) for s in scores):
-            reason = "judge_nan"
-        else:
-            choice = select_pair(torch.tensor(scores, dtype=torch.float64))
-            reason = "" if choice is not None else "all_tied"
-        out["prompt_id"].append(row["prompt_id"])
-        out["prompt"].append(row["prompt"])
-        out["responses"].append(responses)
-        out["scores"].append(scores)
-        out["iteration"].append(iteration)
-        out["skip_reason"].append(reason)
-        if choice is None:
-            for name in ("chosen", "rejected"):
-                out[name].append("")
-            for name in ("chosen_probs", "chosen_probs_win", "chosen_probs_lose"):
-                out[name].append(float("nan"))
-            out["win_rates"].append([])
-            continue
-        out["win_rates"].append(list(choice.win_rates))
-        out["chosen"].append(responses[choice.chosen])
-        out["rejected"].append(responses[choice.rejected])
-        out["chosen_probs"].append(choice.chosen_probs)
-        out["chosen_probs_win"].append(choice.chosen_probs_win)
-        out["chosen_probs_lose"].append(choice.chosen_probs_lose)
-    return pa.Table.from_pydict(out, schema=STREAM_SCHEMA)
 
 
 def rollout_stream(
@@ -305,8 +230,6 @@ def pad_for_workers(stream: ray.data.Dataset, rows: int, workers: int) -> ray.da
     """Ray Train splits the stream with `equal=True`, which drops the last rows when their
     count is not a multiple of the workers; weight-0 filler rows (`skip_reason` "filler",
     never persisted or counted) make it one, so no prompt is lost."""
-    from spo_ray.learner.resume import filler_row
-
     missing = -rows % workers
     if not missing:
         return stream

@@ -45,7 +45,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from spo_ray.config import ServeConfig
-from spo_ray.rollout.hf import format_prompt
+from spo_ray.data.chat import format_prompt
 
 log = logging.getLogger(__name__)
 replica_log = logging.getLogger("ray.serve")  # lands in the replica's Serve log file
@@ -163,7 +163,7 @@ class Completion:
 def render_messages(tokenizer: Any, messages: Sequence[dict]) -> str:
     """The text the policy continues: the chat template of the whole conversation up to
     the assistant turn; without a template, a single user message as is or `role: content`
-    lines (`rollout.hf.format_prompt`)."""
+    lines (`data.chat.format_prompt`)."""
     try:
         return format_prompt(tokenizer, messages)
     except Exception as err:  # jinja raises for conversations a template rejects

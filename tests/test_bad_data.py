@@ -43,7 +43,7 @@ PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"Say {i} please"} for i in range(5)
 
 def forcing_engine(cfg, policy_path: str):
     """The real HFEngine; the prompts in FORCED get fixed responses."""
-    from spo_ray.pipeline import make_engine
+    from spo_ray.rollout.factory import make_engine
 
     engine = make_engine(cfg, policy_path)
     generate = engine.generate

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from spo_ray.data.schema import PAIR_SCHEMA
-from spo_ray.pipeline import ROLLOUT_SCHEMA, STREAM_SCHEMA, batch_seed, select_pairs
+from spo_ray.data.schema import PAIR_SCHEMA, ROLLOUT_SCHEMA, STREAM_SCHEMA, select_pairs
+from spo_ray.pipeline import batch_seed
 from tests.conftest import compose
 
 

@@ -12,7 +12,8 @@ import torch
 
 from spo_ray.judge import attach_references
 from spo_ray.judge.reference import ReferenceJudge
-from spo_ray.pipeline import ROLLOUT_SCHEMA, JudgeStage, RolloutStage
+from spo_ray.data.schema import ROLLOUT_SCHEMA
+from spo_ray.pipeline import JudgeStage, RolloutStage
 from spo_ray.rollout.base import Rollout
 from tests.conftest import compose
 
@@ -156,7 +157,7 @@ def test_mt_bench_turn_two_sees_the_policys_own_first_answer(tmp_path):
 
 def test_format_prompt_renders_a_conversation_with_the_chat_template(tiny_policy):
     from spo_ray.modeling import load_tokenizer
-    from spo_ray.rollout.hf import format_prompt
+    from spo_ray.data.chat import format_prompt
 
     tok = load_tokenizer(tiny_policy)
     conversation = [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"}]

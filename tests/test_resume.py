@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from spo_ray.data.schema import FILLER
 from spo_ray.learner.resume import (
-    FILLER, Position, deal, epoch_order, latest_checkpoint, persisted_rows, restore, save_checkpoint, truncate_step_records
+    Position, deal, epoch_order, latest_checkpoint, persisted_rows, restore, save_checkpoint, truncate_step_records
 )
 from tests.conftest import compose
 from tests.fault_report import record_fault
@@ -136,8 +137,8 @@ def _split_equally(ds, workers: int) -> list[list[str]]:
 def test_fillers_keep_the_equal_split_from_dropping_a_prompt(ray_session):
     import ray
 
-    from spo_ray.learner.resume import filler_row
-    from spo_ray.pipeline import STREAM_SCHEMA, pad_for_workers
+    from spo_ray.data.schema import STREAM_SCHEMA, filler_row
+    from spo_ray.pipeline import pad_for_workers
 
     rows = [{**filler_row(), "prompt_id": f"p{i}", "skip_reason": "all_tied", "iteration": 1} for i in range(5)]
     stream = ray.data.from_arrow(pa.Table.from_pylist(rows, schema=STREAM_SCHEMA))

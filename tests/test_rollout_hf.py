@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from spo_ray.rollout.base import Engine, SamplingConfig
-from spo_ray.rollout.hf import HFEngine, format_prompt
+from spo_ray.data.chat import format_prompt
+from spo_ray.rollout.hf import HFEngine
 
 
 def _sampling(**kw):

@@ -43,7 +43,7 @@ def prompts() -> list[dict]:
 def paced_engine(cfg, policy_path: str):
     """The real HFEngine, taking at least PACE_S per rollout batch (a tiny model generates
     in ~0.1 s, so without it a stream could finish before a fault has anything to hit)."""
-    from spo_ray.pipeline import make_engine
+    from spo_ray.rollout.factory import make_engine
 
     engine = make_engine(cfg, policy_path)
     generate = engine.generate

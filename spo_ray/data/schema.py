@@ -2,14 +2,17 @@
 
 Rows move between stages as Ray Data batches (dicts of columns). Three shapes:
 - prompt rows:  prompt_id, prompt                                  (`PROMPT_COLUMNS`)
-- rollout rows: + responses, response_tokens                       (RolloutStage)
+- rollout rows: + responses, response_tokens, reference            (`ROLLOUT_SCHEMA`)
 - pair rows:    the columns of `PAIR_SCHEMA` (DESIGN.md §4), named as in the SPPO
                 authors' data files, plus `skip_reason` while in the stream
-                ("" for a pair; else why the prompt gave none — counted, then dropped).
+                (`STREAM_SCHEMA`: "" for a pair; else why the prompt gave none — counted,
+                then dropped; `FILLER` for a weight-0 row that pads a worker's share).
+`select_pairs` turns judged rollout rows into stream rows.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -17,10 +20,19 @@ import pyarrow as pa
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from spo_ray.rollout.hf import format_prompt
+from spo_ray.data.chat import format_prompt
+from spo_ray.sppo import select_pair
 
 PROMPT_COLUMNS = ("prompt_id", "prompt")
-
+ROLLOUT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("responses", pa.list_(pa.string())),
+        ("response_tokens", pa.list_(pa.int64())),
+        ("reference", pa.string()),  # the prompt's reference answer; null unless the prompt has one
+    ]
+)
 PAIR_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.string()),
@@ -37,7 +49,53 @@ PAIR_SCHEMA = pa.schema(
     ]
 )
 PAIR_COLUMNS = tuple(PAIR_SCHEMA.names)
-STREAM_COLUMNS = PAIR_COLUMNS + ("skip_reason",)
+STREAM_SCHEMA = PAIR_SCHEMA.append(pa.field("skip_reason", pa.string()))
+STREAM_COLUMNS = tuple(STREAM_SCHEMA.names)
+FILLER = "filler"  # skip_reason of a padding row: weight 0, never counted or recorded
+
+
+def filler_row() -> dict:
+    """A weight-0 stream row that pads a worker's share (`FILLER`): never persisted or counted."""
+    return {"prompt_id": "", "prompt": "", "skip_reason": FILLER, "iteration": 0}
+
+
+def select_pairs(batch: pa.Table, iteration: int) -> pa.Table:
+    """Stateless map: chosen = argmax p̂, rejected = argmin p̂ (DESIGN.md §1, steps 3–4).
+
+    Prompts without a pair keep their row with a `skip_reason` (`all_tied`, `judge_nan`,
+    `too_few_responses`), so the learner can count them: rows out + skips = prompts in.
+    """
+    out = {name: [] for name in STREAM_COLUMNS}
+    for row in batch.to_pylist():
+        scores, responses = row["scores"], row["responses"]
+        choice, reason = None, ""
+        if len(responses) < 2:
+            reason = "too_few_responses"
+        elif any(not math.isfinite(s) for s in scores):
+            reason = "judge_nan"
+        else:
+            choice = select_pair(torch.tensor(scores, dtype=torch.float64))
+            reason = "" if choice is not None else "all_tied"
+        out["prompt_id"].append(row["prompt_id"])
+        out["prompt"].append(row["prompt"])
+        out["responses"].append(responses)
+        out["scores"].append(scores)
+        out["iteration"].append(iteration)
+        out["skip_reason"].append(reason)
+        if choice is None:
+            for name in ("chosen", "rejected"):
+                out[name].append("")
+            for name in ("chosen_probs", "chosen_probs_win", "chosen_probs_lose"):
+                out[name].append(float("nan"))
+            out["win_rates"].append([])
+            continue
+        out["win_rates"].append(list(choice.win_rates))
+        out["chosen"].append(responses[choice.chosen])
+        out["rejected"].append(responses[choice.rejected])
+        out["chosen_probs"].append(choice.chosen_probs)
+        out["chosen_probs_win"].append(choice.chosen_probs_win)
+        out["chosen_probs_lose"].append(choice.chosen_probs_lose)
+    return pa.Table.from_pydict(out, schema=STREAM_SCHEMA)
 
 
 @dataclass

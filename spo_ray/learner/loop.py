@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 import torch
 
 from spo_ray.config import Config
-from spo_ray.data.schema import TokenStats, collate_pairs, pair_table
+from spo_ray.data.schema import FILLER, TokenStats, collate_pairs, filler_row, pair_table
 from spo_ray.faults import maybe_fail
 from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule
-from spo_ray.learner.resume import FILLER, Position, deal, epoch_order, filler_row, persisted_rows, restore, save_checkpoint
+from spo_ray.learner.resume import Position, deal, epoch_order, persisted_rows, restore, save_checkpoint
 from spo_ray.run_dir import timeline_parts, write_json_atomic
 from spo_ray.sppo import preference_loss, sequence_logps
 from spo_ray.timeline import record_interval, span

@@ -45,9 +45,9 @@ from typing import Iterable
 
 import pyarrow.parquet as pq
 
+from spo_ray.data.schema import filler_row
 from spo_ray.run_dir import read_json_lines, write_json_atomic
 
-FILLER = "filler"  # skip_reason of a padding row: weight 0, never counted or recorded
 _STEP_DIR = re.compile(r"step_(\d+)$")
 
 
@@ -162,6 +162,3 @@ def deal(rows: list[dict], rank: int, world: int) -> list[dict]:
     padded = rows + [filler_row()] * (-len(rows) % world)
     return padded[rank::world]
 
-
-def filler_row() -> dict:
-    return {"prompt_id": "", "prompt": "", "skip_reason": FILLER, "iteration": 0}

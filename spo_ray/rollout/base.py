@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
-# A prompt: one user message, or a whole conversation (role/content dicts) ending in a user turn.
-Prompt = Union[str, Sequence[dict]]
+from spo_ray.data.chat import Prompt
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import ray
 
 from spo_ray.faults import maybe_fail
 from spo_ray.rollout.base import Prompt, Rollout, SamplingConfig
+from spo_ray.rollout.factory import make_engine
 
 if TYPE_CHECKING:
     import torch
@@ -150,8 +151,6 @@ class RolloutEngines:
     (and so call `clients`) in another process."""
 
     def __init__(self, cfg: "Config", policy_path: str, engine_factory: Callable | None = None) -> None:
-        from spo_ray.pipeline import make_engine
-
         c = cfg.cluster.rollout
         actor = ray.remote(EngineActor).options(
             num_cpus=c.num_cpus, num_gpus=c.num_gpus, max_restarts=-1, max_task_retries=-1

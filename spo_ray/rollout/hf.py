@@ -6,8 +6,8 @@ import logging
 from typing import TYPE_CHECKING, Sequence
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
+from spo_ray.data.chat import format_prompt
 from spo_ray.modeling import load_policy, load_tokenizer
 from spo_ray.rollout.base import Prompt, Rollout, SamplingConfig
 
@@ -15,18 +15,6 @@ if TYPE_CHECKING:
     from spo_ray.rollout.weight_sync import SyncGroupSpec, WeightPlan
 
 log = logging.getLogger(__name__)
-
-
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Prompt) -> str:
-    """The text the policy continues: the chat template up to the assistant turn, when the
-    tokenizer has one; otherwise a single user message as is, a conversation as
-    `role: content` lines."""
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 class HFEngine:

@@ -45,8 +45,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, TypeVar
 
+from spo_ray.data.chat import format_prompt
 from spo_ray.rollout.base import Rollout, SamplingConfig
-from spo_ray.rollout.hf import format_prompt
 
 if TYPE_CHECKING:
     from spo_ray.config import Config
