@@ -15,9 +15,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from spo_ray.dtypes import TORCH_DTYPES
 from spo_ray.sppo import LOSS_TYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(TORCH_DTYPES)
 ENGINES = ("hf", "vllm")
 WEIGHT_SYNC = ("storage", "nccl")
 JUDGES = ("keyword", "length", "pairrm", "reference", "lm")

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from spo_ray.dtypes import torch_dtype
 from spo_ray.judge.base import scores_from_logits
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,6 @@ _TOKENIZER_FILES = ("tokenizer.json", "spm.model", "tokenizer.model", "vocab.txt
 # checkpoint's .bin is fetched only when it has no safetensors.
 _BACKBONE_PATTERNS = ["*.json", "*.model", "*.txt"]
 _CHECKPOINT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PairRMModel(nn.Module):
@@ -381,9 +381,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tor
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def _local_folder(name_or_path: str | os.PathLike, allow_patterns: list[str] | None = None) -> Path:
