@@ -26,14 +26,40 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+
+@contextmanager
+def write_then_rename(path: Path) -> Iterator[Path]:
+    """Write-then-rename: yields a fresh temporary sibling of `path` to write; when the block
+    ends it replaces `path` in one rename, so a reader (or a run killed mid-write) sees the old
+    file or the new one, never half of one. Two writers never share a temporary; on an error
+    the temporary is removed and `path` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes the file private; run files are for other tools and users
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`path.write_text(text)` through `write_then_rename`."""
+    with write_then_rename(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def read_json_lines(path: Path) -> list[dict]:

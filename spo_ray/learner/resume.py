@@ -46,7 +46,7 @@ from typing import Iterable
 import pyarrow.parquet as pq
 
 from spo_ray.data.schema import filler_row
-from spo_ray.run_dir import read_json_lines, write_json_atomic
+from spo_ray.run_dir import read_json_lines, write_json_atomic, write_text_atomic
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
 
@@ -119,9 +119,7 @@ def truncate_step_records(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [record for record in read_json_lines(path) if record["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _barrier(world: int, dist) -> None:
