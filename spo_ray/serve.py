@@ -27,7 +27,6 @@ import hashlib
 import hmac
 import logging
 import os
-import re
 import secrets
 import sys
 import threading
@@ -597,13 +596,12 @@ def load_serve_config(overrides: Sequence[str] = ()) -> ServeConfig:
 def resolve_checkpoint(path: str) -> tuple[str, Optional[int]]:
     """A policy folder and its iteration (from `iter_<t>/policy`; None when the path does
     not say). A run directory resolves to its latest finished policy."""
+    from spo_ray.run_dir import finished_policies, iteration_of
+
     p = Path(path)
     if (p / "config.json").is_file():
-        match = re.fullmatch(r"iter_(\d+)", p.parent.name) if p.name == "policy" else None
-        return str(p.resolve()), int(match.group(1)) if match else None
-    policies = sorted(
-        ((int(m.group(1)), d / "policy") for d in p.glob("iter_*") if (m := re.fullmatch(r"iter_(\d+)", d.name)) and (d / "policy" / "config.json").is_file()),
-    )
+        return str(p.resolve()), iteration_of(p.parent) if p.name == "policy" else None
+    policies = finished_policies(p)
     if policies:
         t, folder = policies[-1]
         return str(folder.resolve()), t
