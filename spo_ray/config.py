@@ -380,7 +380,7 @@ class RunConfig:
 
 @dataclass
 class ServeConfig:
-    """Ray Serve spot checks of the current policy (spo_ray/serve.py)."""
+    """Ray Serve spot checks of the current policy (spo_ray/serve/)."""
 
     enabled: bool = MISSING
     host: str = MISSING

@@ -1,4 +1,4 @@
-"""Ray Serve spot checks against a live deployment on localhost (spo_ray/serve.py).
+"""Ray Serve spot checks against a live deployment on localhost (spo_ray/serve/).
 
 One Serve application for the whole module (start-up is the slow part); tests that
 reload it first put it back on π_0, so each states what it starts from.
