@@ -7,7 +7,7 @@ replica. A *declarative* config (what `serve deploy` sends) hashes only the impo
 args and runtime_env into the code version (`deploy_utils.get_app_code_version`), so
 re-applying the same application with a new `user_config` is a lightweight update: the
 running replica's `reconfigure(user_config)` is called and the process stays. We apply
-such configs through the controller client; the checkpoint lives in `user_config`, and
+such configs through the controller client (`apply_declaratively`); the checkpoint lives in `user_config`, and
 everything fixed for the app's lifetime (limits, the API key's hash) in `args`.
 """
 
@@ -17,7 +17,7 @@ import hashlib
 import logging
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from ray import serve
 
@@ -68,23 +68,30 @@ def application_config(cfg: ServeConfig, checkpoint: str, iteration: Optional[in
     }
 
 
-def _controller_client(cfg: ServeConfig) -> Any:
-    """Start Serve (HTTP on cfg.host:cfg.port) or join the running instance."""
+# Ray 2.60 has no public API for the two things below, so Ray Serve's private controller
+# client is used here, in `apply_declaratively` alone, and SERVE_PRIVATE_API lists what it
+# takes (tests/test_serve.py checks the list against the installed Ray):
+# - applying a declarative config: `serve.run` always gives the deployment a new random code
+#   version, so it replaces the replica; only a declarative config (what `serve deploy` sends
+#   through the dashboard's REST API) reloads it in place;
+# - reading the deployed configs (to keep the other apps of the declarative set) and the
+#   address Serve's HTTP proxy listens on: the public `serve.status()` has neither.
+SERVE_PRIVATE_API: tuple[tuple[str, str], ...] = (
+    ("ray.serve.context", "_get_global_client"),
+    ("ray.serve._private.client.ServeControllerClient", "get_serve_details"),
+    ("ray.serve._private.client.ServeControllerClient", "deploy_apps"),
+    ("ray.serve._private.client.ServeControllerClient", "http_config"),
+)
+
+
+def apply_declaratively(app_config: dict) -> tuple[str, int]:
+    """Apply our app's declarative config to the running Serve instance, keeping every other
+    declaratively deployed app as it is (a declarative config replaces the whole set); the
+    host and port Serve's HTTP proxy listens on."""
     from ray.serve.context import _get_global_client
-
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
-    client = _get_global_client()
-    http = client.http_config
-    if (http.host, http.port) != (cfg.host, cfg.port):
-        log.warning("Serve already runs on %s:%s in this cluster; serve.host/serve.port (%s:%s) are ignored", http.host, http.port, cfg.host, cfg.port)
-    return client
-
-
-def _apply(client: Any, app_config: dict) -> None:
-    """Apply our app's config, keeping every other declaratively deployed app as it is
-    (a declarative config replaces the whole set)."""
     from ray.serve.schema import APIType, ServeApplicationSchema, ServeDeploySchema, ServeInstanceDetails
 
+    client = _get_global_client()
     details = ServeInstanceDetails(**client.get_serve_details())
     others = [
         app.deployed_app_config
@@ -92,6 +99,8 @@ def _apply(client: Any, app_config: dict) -> None:
         if name != app_config["name"] and app.source == APIType.DECLARATIVE and app.deployed_app_config is not None
     ]
     client.deploy_apps(ServeDeploySchema(applications=[*others, ServeApplicationSchema(**app_config)]))
+    http = client.http_config
+    return http.host, http.port
 
 
 def _wait_applied(cfg: ServeConfig, user_config: dict) -> dict:
@@ -135,18 +144,20 @@ def serve_policy(cfg: ServeConfig, policy_path: str, iteration: Optional[int]) -
     and is reported in the returned status (the same dict as `/healthz`, plus `url`); a
     first deployment that cannot load raises `ServeError`."""
     checkpoint = os.path.abspath(policy_path) if os.path.exists(policy_path) else policy_path
-    client = _controller_client(cfg)
+    # Start Serve (HTTP on cfg.host:cfg.port) or join the running instance.
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
     user_config = {"checkpoint": checkpoint, "iteration": iteration}
-    _apply(client, application_config(cfg, checkpoint, iteration))
+    host, port = apply_declaratively(application_config(cfg, checkpoint, iteration))
+    if (host, port) != (cfg.host, cfg.port):
+        log.warning("Serve already runs on %s:%s in this cluster; serve.host/serve.port (%s:%s) are ignored", host, port, cfg.host, cfg.port)
     info = _wait_applied(cfg, user_config)
     if info["error"] and (info["last_reload"] or {}).get("checkpoint") == checkpoint:
         log.warning("Serve kept π_%s (%s): %s", info["iteration"], info["checkpoint"], info["error"])
         # Point the config back at what is served, so a restarted replica loads that.
         served = {"checkpoint": info["checkpoint"], "iteration": info["iteration"]}
-        _apply(client, application_config(cfg, info["checkpoint"], info["iteration"]))
+        apply_declaratively(application_config(cfg, info["checkpoint"], info["iteration"]))
         info = _wait_applied(cfg, served)
-    http = client.http_config
-    info["url"] = f"http://{http.host}:{http.port}{cfg.route_prefix.rstrip('/')}"
+    info["url"] = f"http://{host}:{port}{cfg.route_prefix.rstrip('/')}"
     if not info["error"]:
         log.info("Serve: %s serves π_%s (%s) at %s/v1", cfg.name, info["iteration"], info["checkpoint"], info["url"])
     return info
