@@ -486,7 +486,9 @@ def _unknown_keys(node: DictConfig, path: str = "") -> list[str]:
     for key in node.keys():
         if declared is not None and key not in declared:
             unknown.append(f"{path}{key}")
-        elif OmegaConf.is_dict(child := node._get_node(key)) and not child._is_none() and not child._is_missing():
+        elif OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
+            continue  # nothing below it yet; an interpolation is not resolved here
+        elif OmegaConf.is_dict(child := node[key]):  # a section set to null reads as None
             unknown.extend(_unknown_keys(child, f"{path}{key}."))
     return unknown
 
