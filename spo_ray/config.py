@@ -87,8 +87,8 @@ class RolloutConfig:
     enable_chunked_prefill: Optional[bool] = None  # None: vLLM's default (CPU: false, see conf/rollout/vllm_cpu.yaml)
     cpu_bind: str = "all"  # vLLM CPU build: all | auto | nobind | a core list ("0-3"), see rollout/vllm.py
     # How π_{t+1} reaches the engines (spo_ray/rollout/engines.py): storage | nccl
-    weight_sync: str = "storage"
-    weight_sync_bucket_mb: int = 256
+    weight_sync: str = MISSING
+    weight_sync_bucket_mb: int = MISSING
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ENGINES)
