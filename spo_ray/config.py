@@ -2,18 +2,16 @@
 
 The values live in `conf/` (every field commented there); these dataclasses give them
 types, so Hydra rejects an unknown key or a wrong type while composing, and
-`validate(cfg)` runs each `__post_init__` check — all before Ray starts.
+`spo_ray.compose.validate(cfg)` runs each `__post_init__` check — all before Ray starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
 from spo_ray.dtypes import TORCH_DTYPES
 from spo_ray.sppo import LOSS_TYPES
@@ -471,35 +469,3 @@ class Config:
                 "on the head node; give an absolute path under cluster.storage"
             )
 
-
-def register_configs() -> None:
-    """Register the schema so `conf/config.yaml` can extend it (`defaults: [schema, ...]`)."""
-    cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
-
-
-def _unknown_keys(node: DictConfig, path: str = "") -> list[str]:
-    """Keys a typed section does not declare: `+learner.lrr=1` gets past Hydra's struct check."""
-    schema = OmegaConf.get_type(node)
-    declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
-    unknown = []
-    for key in node.keys():
-        if declared is not None and key not in declared:
-            unknown.append(f"{path}{key}")
-        elif OmegaConf.is_missing(node, key) or OmegaConf.is_interpolation(node, key):
-            continue  # nothing below it yet; an interpolation is not resolved here
-        elif OmegaConf.is_dict(child := node[key]):  # a section set to null reads as None
-            unknown.extend(_unknown_keys(child, f"{path}{key}."))
-    return unknown
-
-
-def validate(cfg: DictConfig) -> Config:
-    """Turn a composed config into dataclasses, running every `__post_init__` check."""
-    unknown = _unknown_keys(cfg)
-    if unknown:
-        raise ValueError(f"invalid configuration: unknown key(s) {', '.join(unknown)}: not in the schema (spo_ray/config.py)")
-    try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-    except Exception as err:  # OmegaConf wraps errors from __post_init__
-        cause = err.__cause__ or err
-        raise ValueError(f"invalid configuration: {cause}") from None

@@ -25,7 +25,8 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from spo_ray.config import Config, register_configs, validate
+from spo_ray.compose import register_configs, validate
+from spo_ray.config import Config
 from spo_ray.faults import fault_env, maybe_fail
 from spo_ray.data.prompts import PromptReuse, iteration_prompts, load_prompts, prompt_reuse, split_prompts
 from spo_ray.report import write_report

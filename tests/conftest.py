@@ -86,7 +86,7 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from spo_ray.config import register_configs, validate
+    from spo_ray.compose import register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

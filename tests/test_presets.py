@@ -200,7 +200,7 @@ def _compose_from(conf_dir: Path, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from spo_ray.config import register_configs, validate
+    from spo_ray.compose import register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
