@@ -211,7 +211,9 @@ def test_two_iterations_with_the_learner_broadcasting_to_the_engines(ray_session
     sync = json.loads((run.iter_dir(1) / "weight_sync.json").read_text())
     assert sync["method"] == "nccl" and sync["engines"] == 1 and sync["from_storage"] == 0, sync
     assert sync["push"]["error"] is None and sync["push"]["engines_received"] == [sync["push"]["tensors"]]
-    assert not (run.iter_dir(2) / "weight_sync.json").exists()  # no iteration after the last: nothing to sync
+    # after the last iteration too: π_2's evaluation answers come from the engines
+    last = json.loads((run.iter_dir(2) / "weight_sync.json").read_text())
+    assert last["method"] == "nccl" and last["from_storage"] == 0 and last["push"]["error"] is None, last
 
     # Pairs keep their K responses (skipped prompts do not): check every pair's batch.
     pairs = {r["prompt_id"]: r for r in pq.read_table(run.iter_dir(2) / "pairs").to_pylist()}
