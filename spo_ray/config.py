@@ -76,6 +76,7 @@ class RolloutConfig:
     top_p: float = MISSING
     max_new_tokens: int = MISSING
     batch_size: int = MISSING
+    dtype: Optional[str] = None  # the engines' weights (samples and evaluation answers); None: model.dtype
     # vLLM only (engine: vllm)
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -103,6 +104,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _positive("rollout.max_new_tokens", self.max_new_tokens)
         _positive("rollout.batch_size", self.batch_size)
+        if self.dtype is not None:
+            _one_of("rollout.dtype", self.dtype, DTYPES)
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"rollout.kv_cache_gb must be > 0 (or null on GPUs), got {self.kv_cache_gb}")
         if self.cpu_bind not in ("all", "auto", "nobind") and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", self.cpu_bind):
@@ -469,3 +472,7 @@ class Config:
                 "on the head node; give an absolute path under cluster.storage"
             )
 
+
+def engine_dtype(cfg: Config) -> str:
+    """The rollout engines' weight dtype: `rollout.dtype`, else `model.dtype` (the saved policies')."""
+    return cfg.rollout.dtype or cfg.model.dtype

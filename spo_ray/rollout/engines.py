@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import ray
 
+from spo_ray.config import engine_dtype
 from spo_ray.faults import maybe_fail
 from spo_ray.rollout.base import PersistentEngine, Prompt, Rollout, SamplingConfig
 from spo_ray.rollout.factory import make_engine
@@ -223,7 +224,7 @@ def push_weights(
     from spo_ray.rollout.weight_sync import SyncGroupSpec, create_sync_group, plan_for_module, send_weights
 
     start = time.monotonic()
-    plan = plan_for_module(module, cfg.model.dtype, cfg.rollout.weight_sync_bucket_mb << 20)
+    plan = plan_for_module(module, engine_dtype(cfg), cfg.rollout.weight_sync_bucket_mb << 20)
     group, refs, error = None, [], None
     if rank == 0:
         try:
