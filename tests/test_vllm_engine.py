@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from spo_ray.rollout.base import SamplingConfig
-from spo_ray.rollout.vllm import EXTENSION, VLLM_API, SpoWorkerExtension, VLLMEngine
+from spo_ray.rollout.vllm import EXTENSION, VLLM_API, VLLMEngine
+from spo_ray.rollout.vllm_worker import SpoWorkerExtension
 from spo_ray.rollout.weight_sync import SyncGroupSpec, TensorMeta, WeightPlan
 from tests.conftest import compose
 
