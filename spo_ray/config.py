@@ -337,6 +337,17 @@ class ClusterConfig:
                 f"engines' {layout['rollout']:g} (held for the whole run) is more than the cluster has ({total})"
             )
 
+    def placement(self) -> str:
+        """What each actor of the run reserves, as one line (printed at the start of a run)."""
+        pools = [
+            ("rollout engines", self.rollout.num_actors, self.rollout.num_cpus, self.rollout.num_gpus),
+            ("judge actors", self.judge.num_actors, self.judge.num_cpus, self.judge.num_gpus),
+            ("learner workers", self.learner.num_workers, self.learner.cpus_per_worker, self.learner.gpus_per_worker),
+            ("evaluation", self.evaluate.num_actors, self.evaluate.num_cpus, self.evaluate.num_gpus),
+        ]
+        where = "colocated: engines sleep while the learner trains" if self.colocate else "disjoint"
+        return "; ".join(f"{n} {name} × ({cpus:g} CPU, {gpus:g} GPU)" for name, n, cpus, gpus in pools) + f" ({where})"
+
     def describe(self) -> str:
         """The placement as one line, e.g. for a log or a runbook."""
         pools = [

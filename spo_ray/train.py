@@ -88,9 +88,16 @@ def check_references(prompts: list[dict], source: str) -> None:
 
 def connect_ray(cfg: Config) -> None:
     """Join the cluster this driver runs in (`ray job submit`, `ray start`); start a
-    local one only when there is none, or always with `cluster.address=local`."""
-    if ray.is_initialized():
-        return
+    local one only when there is none, or always with `cluster.address=local`. Prints the
+    run's placement beside what the cluster has."""
+    if not ray.is_initialized():
+        _join_or_start(cfg)
+    have = ray.cluster_resources()
+    print(f"[spo_ray] placement: {cfg.cluster.placement()}; Ray has {have.get('CPU', 0):g} CPUs, "
+          f"{have.get('GPU', 0):g} GPUs on {len(ray.nodes())} node(s)", flush=True)
+
+
+def _join_or_start(cfg: Config) -> None:
     address = cfg.cluster.address
     env = fault_env()
     runtime_env = {"env_vars": env} if env else None  # fault injection reaches the workers

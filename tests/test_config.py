@@ -56,6 +56,15 @@ def test_the_engines_dtype_is_rollout_dtype_else_the_models(tiny_policy):
     assert next(engine.model.parameters()).dtype == torch.bfloat16
 
 
+def test_the_placement_line_names_every_pool_and_what_each_actor_reserves():
+    _, cfg = compose(["experiment=mistral7b_sppo", "cluster=a100x8x4"])
+    c = cfg.cluster
+    line = c.placement()
+    assert f"{c.rollout.num_actors} rollout engines × ({c.rollout.num_cpus:g} CPU, {c.rollout.num_gpus:g} GPU)" in line
+    assert f"{c.learner.num_workers} learner workers × ({c.learner.cpus_per_worker:g} CPU, 1 GPU)" in line
+    assert "judge actors" in line and "evaluation" in line and line.endswith("(disjoint)")
+
+
 def test_unknown_key_and_wrong_type_fail_at_compose():
     from hydra.errors import ConfigCompositionException
 

@@ -31,6 +31,7 @@ def test_smollm2_demo_writes_eval_answer_files_and_report(ray_session, tmp_path_
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert "[spo_ray] placement: 1 rollout engines × (0.25 CPU, 0 GPU)" in out
     assert "[eval] held-out answers 4/4" in out and "[eval] judging 4 answers" in out and "[learner] iter 1" in out
     assert proc.stdout.rstrip().splitlines()[-1].endswith(f"report: {run / 'report.md'}")
 
