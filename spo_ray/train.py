@@ -133,7 +133,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from spo_ray.learner.loop import train_loop_per_worker
+    from spo_ray.learner.loop import LoopConfig, train_loop_per_worker
 
     # Ray Data hands rows to the learner in a fixed order (reproducible training), or as
     # they finish (more overlap). Ray Train copies the driver's DataContext into the stream.
@@ -146,7 +146,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
     trainer_start_env(cfg)  # run.timeouts.trainer_start_s
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dict(
+        train_loop_config={"loop": LoopConfig(
             cfg=cfg,
             policy_path=policy_path,
             iter_dir=str(run.iter_dir(t)),
@@ -155,7 +155,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
             iteration=t,
             fit_at=time.time(),  # the workers' start-up is timed from here (spo_ray/timeline.py)
             **loop_extra,
-        ),
+        )},
         scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets={"pairs": pairs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
