@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from spo_ray.config import Config, register_configs, validate
 from spo_ray.faults import fault_env, maybe_fail
+from spo_ray.learner.deepspeed_config import zero_stage
 from spo_ray.data.prompts import PromptReuse, iteration_prompts, load_prompts, prompt_reuse, split_prompts
 from spo_ray.report import write_report
 from spo_ray.rollout.engines import RolloutEngines
@@ -310,7 +311,8 @@ def config_summary(cfg: Config, reuse: PromptReuse | None = None) -> dict[str, s
         "prompts": f"{cfg.data.format} {cfg.data.source!r}: {cfg.data.prompts_per_iteration or 'all training prompts'} per iteration, "
         f"{cfg.data.num_eval} held out (split seed {cfg.data.split_seed}; greedy eval answers ≤ {cfg.evaluate.max_new_tokens} tokens)",
         "samples": f"K={cfg.rollout.num_samples}, T={cfg.rollout.temperature}, top_p={cfg.rollout.top_p}, max_new_tokens={cfg.rollout.max_new_tokens}",
-        "learner": f"{l.loss}, beta={l.beta} (η={1 / l.beta:g}), {l.optimizer} lr={l.lr}, epochs={l.epochs}, global batch {l.global_batch_size}, ZeRO-{l.zero_stage}",
+        "learner": f"{l.loss}, beta={l.beta} (η={1 / l.beta:g}), {l.optimizer} lr={l.lr}, epochs={l.epochs}, global batch {l.global_batch_size}, "
+        f"ZeRO-{zero_stage(l, cfg.cluster.learner.num_workers)}",
         "iterations": str(cfg.run.iterations),
     }
     if reuse is not None:

@@ -9,14 +9,24 @@ out (DESIGN.md §1): ½[(a − η(p̂_w − ½))² + (b − η(p̂_l − ½))²]
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from spo_ray.data.schema import collate_pairs, filler_row
-from spo_ray.learner.deepspeed_config import linear_schedule
-from spo_ray.learner.models import build_models, make_optimizer, single_process_group
-from spo_ray.learner.step import LearnerModels, TorchEngine, accumulate_gradients, learner_step, step_groups, with_stand_ins
+from spo_ray.learner import models as models_module
+from spo_ray.learner.deepspeed_config import build_deepspeed_config, linear_schedule
+from spo_ray.learner.models import build_models, make_optimizer, reference_dtype, single_process_group
+from spo_ray.learner.step import (
+    LearnerModels,
+    TorchEngine,
+    accumulate_gradients,
+    learner_step,
+    response_logps,
+    step_groups,
+    with_stand_ins,
+)
 from spo_ray.sppo import preference_loss
 from tests.conftest import compose
 
@@ -36,10 +46,10 @@ def _pair(n: int, win: float, lose: float) -> dict:
 GROUP = [[_pair(1, 0.8, 0.2), _pair(2, 0.6, 0.45)], [_pair(3, 0.9, 0.1), filler_row()]]
 
 
-def _models(tiny_policy: str, *overrides: str):
+def _models(tiny_policy: str, *overrides: str, **kwargs):
     _, cfg = compose(["experiment=tiny", "learner.micro_batch_size=2", "learner.global_batch_size=4",
-                      "learner.zero_stage=0", *overrides])
-    return cfg, build_models(cfg, tiny_policy, torch.device("cpu"), world=1, total_steps=4)
+                      "learner.reference_dtype=float32", *overrides])
+    return cfg, build_models(cfg, tiny_policy, torch.device("cpu"), world=1, total_steps=4, **kwargs)
 
 
 def _response_logps(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -113,7 +123,7 @@ def test_torch_engine_steps_as_deepspeed_does(tiny_policy, one_process_group):
     the LR schedule as the learner's DeepSpeed engine does."""
     cfg, models = _models(tiny_policy, "learner.grad_clip=0.01")  # a clip that bites
     policy = copy.deepcopy(models.engine.module)
-    optimizer = make_optimizer(cfg.learner, policy.parameters())
+    optimizer = make_optimizer(cfg.learner, policy.parameters(), torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, 4, cfg.learner.warmup_ratio))
     plain = TorchEngine(policy, optimizer, accumulation_steps=2, grad_clip=cfg.learner.grad_clip, scheduler=scheduler)
     plain_models = LearnerModels(models.tokenizer, plain, models.reference)
@@ -130,3 +140,59 @@ def test_step_groups_chunk_rows_into_micro_batches_and_steps():
     groups = list(step_groups(range(11), micro_batch_size=2, accumulation_steps=3))
     assert groups == [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10]]]
     assert list(step_groups([], 2, 3)) == []
+
+
+def test_the_faster_step_keeps_the_losses(tiny_policy, one_process_group):
+    """ZeRO stage 0 for one worker, fused AdamW and the LM head on response positions only
+    give the losses, log-ratios and weights of the step as it was (ZeRO-2, AdamW's
+    for-each kernel, logits at every position), to float precision, over three steps."""
+    cfg, before = _models(tiny_policy, deepspeed_config={**build_deepspeed_config(_cfg().learner, 1), "zero_optimization": {"stage": 2}},
+                          fused=False)
+    _, after = _models(tiny_policy)
+    assert (before.engine.zero_optimization_stage(), after.engine.zero_optimization_stage()) == (2, 0)
+    assert after.engine.optimizer.defaults["fused"] and not before.engine.optimizer.optimizer.defaults["fused"]  # ZeRO wraps it
+    for _ in range(3):
+        old = learner_step(before, GROUP, cfg.learner, full_logits=True)
+        new = learner_step(after, GROUP, cfg.learner)
+        assert _sums(new) == pytest.approx(_sums(old), rel=1e-5, abs=1e-4)
+        assert new.grad_norm == pytest.approx(old.grad_norm, rel=1e-5)
+    for name, value in after.engine.module.state_dict().items():
+        torch.testing.assert_close(value, before.engine.module.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_response_logps_scores_the_same_tokens_as_the_full_logits(tiny_policy, one_process_group):
+    _, models = _models(tiny_policy)
+    rows = [_pair(1, 0.8, 0.2), _pair(7, 0.6, 0.4), filler_row()]  # prompts of different lengths, a stand-in
+    batch = collate_pairs(with_stand_ins(rows), models.tokenizer, 128, 64)
+    with torch.no_grad():
+        band = response_logps(models.reference, models.reference, batch)
+        full = response_logps(models.reference, models.reference, batch, full_logits=True)
+    torch.testing.assert_close(band, full, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(full, _response_logps(models.reference, batch), rtol=1e-6, atol=1e-5)
+
+
+def test_bf16_reference_moves_the_log_ratios_by_little(tiny_policy, one_process_group):
+    cfg, exact = _models(tiny_policy)
+    _, bf16 = _models(tiny_policy, "learner.reference_dtype=bfloat16")
+    assert next(bf16.reference.parameters()).dtype == torch.bfloat16
+    old = accumulate_gradients(exact, GROUP, cfg.learner)
+    new = accumulate_gradients(bf16, GROUP, cfg.learner)
+    assert (old.chosen_logratio, old.rejected_logratio) == (pytest.approx(0, abs=1e-4), pytest.approx(0, abs=1e-4))
+    assert abs(new.chosen_logratio) < 0.05 and abs(new.rejected_logratio) < 0.05  # nats, summed over 3 pairs
+    assert new.loss == pytest.approx(old.loss, rel=1e-2)
+
+
+def test_reference_dtype_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
+    learner = _cfg().learner
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models_module, "cpu_has_amx_bf16", lambda: True)
+    assert reference_dtype(learner, cpu) == "bfloat16"
+    monkeypatch.setattr(models_module, "cpu_has_amx_bf16", lambda: False)
+    assert reference_dtype(learner, cpu) == "float32"
+    assert reference_dtype(dataclasses.replace(learner, reference_dtype="bfloat16"), cpu) == "bfloat16"
+    monkeypatch.setattr(models_module, "cpu_has_amx_bf16", lambda: True)
+    assert reference_dtype(dataclasses.replace(learner, reference_dtype="float32"), cpu) == "float32"
+
+
+def _cfg():
+    return compose(["experiment=tiny"])[1]

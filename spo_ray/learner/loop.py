@@ -31,7 +31,7 @@ import torch
 from spo_ray.config import Config
 from spo_ray.data.schema import FILLER, TokenStats, filler_row, pair_table
 from spo_ray.faults import maybe_fail
-from spo_ray.learner.deepspeed_config import gradient_accumulation_steps
+from spo_ray.learner.deepspeed_config import gradient_accumulation_steps, zero_stage
 from spo_ray.learner.models import build_models
 from spo_ray.learner.resume import Position, deal, epoch_order, persisted_rows, restore, save_checkpoint
 from spo_ray.learner.step import StepSums, learner_step, step_groups
@@ -314,7 +314,7 @@ def _finish(engine, tokenizer, cfg: Config, iter_dir: Path, summary: LearnerSumm
     from spo_ray.modeling import save_policy, torch_dtype
 
     summaries = _all_gather(asdict(summary), world)
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if cfg.learner.zero_stage == 3 else None
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage(cfg.learner, world) == 3 else None
     if rank != 0:
         return
     total = LearnerSummary(steps=summary.steps, resumed_from_step=summary.resumed_from_step)

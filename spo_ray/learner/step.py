@@ -14,9 +14,10 @@ with the same weight as any other.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, fields
 from itertools import islice
-from typing import Any, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 
@@ -103,25 +104,47 @@ def with_stand_ins(rows: Sequence[dict]) -> list[dict]:
     return [r if not r["skip_reason"] else {**r, **stand_in} for r in rows]
 
 
+def response_logps(model: Callable[..., Any], module: torch.nn.Module, batch: dict, full_logits: bool = False) -> torch.Tensor:
+    """Σ log π over each sequence's response tokens (`spo_ray.sppo.sequence_logps`), [2B].
+
+    The LM head and the log-softmax over the vocabulary run only on the positions that
+    score a response token of some sequence — from the shortest prompt's end to the
+    longest response's end — not on the prompt before them (about half of the tokens), as
+    transformers' `logits_to_keep` allows. `full_logits`, or a model without that argument:
+    every position. `model` is what to call (a DeepSpeed engine, say), `module` the model
+    it runs.
+    """
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    scored = mask[:, 1:].any(dim=0).nonzero()  # logits at t score the token at t + 1
+    if full_logits or not len(scored) or "logits_to_keep" not in inspect.signature(module.forward).parameters:
+        return sequence_logps(model(**inputs).logits, ids, mask)
+    start, end = scored[0].item(), scored[-1].item() + 2
+    logits = model(**inputs, logits_to_keep=torch.arange(start, end, device=ids.device)).logits
+    # The band's first position scores nothing of its own (its mask is unread), the last is unused.
+    return sequence_logps(logits, ids[:, start:end], mask[:, start:end])
+
+
 def micro_batch_loss(
     models: LearnerModels,
     rows: Sequence[dict],
     cfg: StepSettings,
     stats: TokenStats | None = None,
+    full_logits: bool = False,
 ) -> tuple[torch.Tensor, StepSums]:
     """The loss of one micro-batch of pair rows (to back-propagate) and its sums.
 
     Rows with a `skip_reason`, and pairs the tokenizer fails on, take part with weight 0.
+    `full_logits`: the LM head on every position (see `response_logps`; for comparisons).
     """
     engine, device = models.engine, models.engine.device
     weight = torch.tensor([0.0 if r["skip_reason"] else 1.0 for r in rows], device=device)
     batch = collate_pairs(with_stand_ins(rows), models.tokenizer, cfg.max_length, cfg.max_prompt_length, stats)
     batch = {k: v.to(device) for k, v in batch.items()}
     weight = weight * batch["valid"]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logps = sequence_logps(engine(**inputs).logits, batch["input_ids"], batch["loss_mask"])
+    logps = response_logps(engine, engine.module, batch, full_logits)
     with torch.no_grad():  # π_t is frozen
-        ref_logps = sequence_logps(models.reference(**inputs).logits, batch["input_ids"], batch["loss_mask"])
+        ref_logps = response_logps(models.reference, models.reference, batch, full_logits)
     n = len(rows)  # rows 0..n−1 chosen, n..2n−1 rejected (collate_pairs)
     per_pair = preference_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
@@ -145,13 +168,14 @@ def accumulate_gradients(
     group: Sequence[Sequence[dict]],
     cfg: StepSettings,
     stats: TokenStats | None = None,
+    full_logits: bool = False,
 ) -> StepSums:
     """Forward and backward of one optimizer step's micro-batches; the engine accumulates
     their gradients. `stats` counts truncations and untokenizable pairs."""
     sums = StepSums()
     for i, rows in enumerate(group):
         models.engine.set_gradient_accumulation_boundary(i == len(group) - 1)
-        loss, micro = micro_batch_loss(models, rows, cfg, stats)
+        loss, micro = micro_batch_loss(models, rows, cfg, stats, full_logits)
         models.engine.backward(loss)
         sums += micro
     return sums
@@ -162,9 +186,10 @@ def learner_step(
     group: Sequence[Sequence[dict]],
     cfg: StepSettings,
     stats: TokenStats | None = None,
+    full_logits: bool = False,
 ) -> StepSums:
     """One optimizer step on `group` (micro-batches of pair rows, see `step_groups`)."""
-    sums = accumulate_gradients(models, group, cfg, stats)
+    sums = accumulate_gradients(models, group, cfg, stats, full_logits)
     engine = models.engine
     # DeepSpeed reports the norm it clipped with, except without ZeRO in fp32 (it clips the
     # parameters' own gradients, which ZeRO would have moved into its partitions): then ours.
