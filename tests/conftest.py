@@ -86,9 +86,41 @@ def compose(overrides: list[str] | None = None):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from spo_ray.config import register_configs, validate
+    from spo_ray.compose import register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         raw = hydra_compose(config_name="config", overrides=overrides or [])
     return raw, validate(raw)
+
+
+def broadcast_to(engine, source, bucket_bytes: int) -> tuple[object, int]:
+    """Learner rank 0 (a thread here) sends `source`'s weights over gloo, in buckets of
+    `bucket_bytes`, to `engine` as rank 1 (`rollout.weight_sync=nccl` on CPU). Returns the
+    plan and the number of tensors the engine received; raises what the sender raised."""
+    import threading
+
+    from spo_ray.rollout.engines import free_port
+    from spo_ray.rollout.weight_sync import SyncGroupSpec, create_sync_group, plan_for_module, send_weights
+
+    plan = plan_for_module(source, "float32", bucket_bytes=bucket_bytes)
+    spec = SyncGroupSpec("127.0.0.1", free_port(), world_size=2, backend="gloo", timeout_s=60)
+    errors: list[BaseException] = []
+
+    def learner() -> None:
+        try:
+            group = create_sync_group(spec, 0, "cpu")
+            send_weights(source, plan, group)
+            group.close()
+        except BaseException as err:  # noqa: BLE001 - raised in the caller's thread
+            errors.append(err)
+
+    thread = threading.Thread(target=learner)
+    thread.start()
+    engine.init_weight_sync(spec, rank_offset=1)
+    count = engine.receive_weights(plan)
+    engine.close_weight_sync()
+    thread.join(60)
+    if errors:
+        raise errors[0]
+    return plan, count

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tests.conftest import compose
 
@@ -24,6 +25,7 @@ def test_tiny_config_composes_and_validates():
         ("model.gguf_file=x.gguf", "exactly one"),
         ("evaluate.mt_bench_turns=3", "evaluate.mt_bench_turns"),
         ("rollout.weight_sync=disk", "rollout.weight_sync"),
+        ("rollout.dtype=int8", "rollout.dtype"),
         ("rollout.weight_sync_bucket_mb=0", "rollout.weight_sync_bucket_mb"),
         ("rollout.weight_sync=nccl cluster.colocate=true", "NCCL refuses two ranks"),
         ("rollout.weight_sync=nccl cluster.gpus_per_node=1 cluster.learner.gpus_per_worker=1", "same kind of device"),
@@ -39,6 +41,19 @@ def test_a_vllm_engine_holds_as_many_gpus_as_its_tensor_parallel_workers():
         compose(["experiment=mistral7b_sppo", "rollout.tensor_parallel_size=2"])
     _, cfg = compose(["experiment=mistral7b_sppo", "rollout.tensor_parallel_size=2", "cluster.rollout.num_gpus=2", "cluster.rollout.num_actors=1"])
     assert cfg.cluster.rollout.num_gpus == 2
+
+
+def test_the_engines_dtype_is_rollout_dtype_else_the_models(tiny_policy):
+    from spo_ray.config import engine_dtype
+    from spo_ray.rollout.factory import make_engine
+
+    _, demo = compose([])  # the default experiment: vLLM's CPU build samples in bf16, policies stay float32
+    assert (demo.rollout.engine, engine_dtype(demo), demo.model.dtype) == ("vllm", "bfloat16", "float32")
+    _, hf = compose(["rollout=hf"])
+    assert hf.rollout.dtype is None and engine_dtype(hf) == "float32"
+    _, tiny = compose(["experiment=tiny", "rollout.dtype=bfloat16"])
+    engine = make_engine(tiny, tiny_policy)
+    assert next(engine.model.parameters()).dtype == torch.bfloat16
 
 
 def test_unknown_key_and_wrong_type_fail_at_compose():

@@ -36,7 +36,7 @@ def test_smollm2_demo_writes_eval_answer_files_and_report(ray_session, tmp_path_
 
     assert (run / "iter_0" / "policy" / "model.safetensors").is_file()
     config = (run / "config.yaml").read_text()
-    assert "experiment: smollm2_demo" in config and "name: reference" in config
+    assert "experiment: smollm2_demo" in config and "name: reference" in config and "engine: vllm" in config
     split = json.loads((run / "split.json").read_text())
     assert len(split["held_out"]) == 4 and not set(split["held_out"]) & set(split["train"])
 

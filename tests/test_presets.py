@@ -59,8 +59,10 @@ def test_preset_composes_validates_and_fills_the_cluster(experiment, cluster, ov
         assert all(layout[stage] > 0 for stage in ("rollout", "judge", "learner")), c.describe()
         assert c.learner.gpus_per_worker == 1 and not c.colocate
         assert c.storage.startswith("/") and cfg.run.dir.startswith(c.storage + "/")
-    if cfg.rollout.engine == "vllm":  # one engine (tensor_parallel_size 1) per GPU
+    if cfg.rollout.engine == "vllm" and c.gpus_per_node:  # one engine (tensor_parallel_size 1) per GPU
         assert cfg.rollout.tensor_parallel_size == 1 and c.rollout.num_gpus == 1
+    elif cfg.rollout.engine == "vllm":  # vLLM's CPU build: its KV cache sized in GiB, not as a share of the RAM
+        assert c.rollout.num_gpus == 0 and cfg.rollout.kv_cache_gb
     assert "???" not in OmegaConf.to_yaml(raw, resolve=True)  # what run_sppo saves as config.yaml
 
 
@@ -200,7 +202,7 @@ def _compose_from(conf_dir: Path, overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from spo_ray.config import register_configs, validate
+    from spo_ray.compose import register_configs, validate
 
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):

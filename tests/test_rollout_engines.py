@@ -4,7 +4,6 @@ from storage or from the learner's broadcast (spo_ray/rollout/engines.py)."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pyarrow.parquet as pq
@@ -77,30 +76,11 @@ def test_engine_receives_a_broadcast_into_its_weights(tiny_policy, other_policy)
     """The learner's side (`send_weights`, rank 0) and an HFEngine's side (rank 1) of one
     sync group over gloo, in two threads; the engine ends up holding the sent weights."""
     from spo_ray.modeling import load_policy
-    from spo_ray.rollout.weight_sync import SyncGroupSpec, create_sync_group, plan_for_module, send_weights
-    from tests.test_weight_sync import _free_port
+    from tests.conftest import broadcast_to
 
-    learner_model = load_policy(other_policy)
-    plan = plan_for_module(learner_model, "float32", bucket_bytes=4096)  # several buckets
-    spec = SyncGroupSpec("127.0.0.1", _free_port(), world_size=2, backend="gloo", timeout_s=60)
     engine = HFEngine(tiny_policy)
-    errors = []
-
-    def learner() -> None:
-        try:
-            group = create_sync_group(spec, 0, "cpu")
-            send_weights(learner_model, plan, group)
-            group.close()
-        except Exception as err:  # noqa: BLE001 - reported by the assertion below
-            errors.append(err)
-
-    thread = threading.Thread(target=learner)
-    thread.start()
-    engine.init_weight_sync(spec, rank_offset=1)
-    count = engine.receive_weights(plan)
-    engine.close_weight_sync()
-    thread.join(60)
-    assert not errors and len(plan.buckets) > 1 and count == plan.num_tensors
+    plan, count = broadcast_to(engine, load_policy(other_policy), bucket_bytes=4096)  # several buckets
+    assert len(plan.buckets) > 1 and count == plan.num_tensors
     assert [r.responses for r in engine.generate(PROMPTS, SAMPLING)] == _responses(other_policy)
 
 
@@ -211,7 +191,9 @@ def test_two_iterations_with_the_learner_broadcasting_to_the_engines(ray_session
     sync = json.loads((run.iter_dir(1) / "weight_sync.json").read_text())
     assert sync["method"] == "nccl" and sync["engines"] == 1 and sync["from_storage"] == 0, sync
     assert sync["push"]["error"] is None and sync["push"]["engines_received"] == [sync["push"]["tensors"]]
-    assert not (run.iter_dir(2) / "weight_sync.json").exists()  # no iteration after the last: nothing to sync
+    # after the last iteration too: π_2's evaluation answers come from the engines
+    last = json.loads((run.iter_dir(2) / "weight_sync.json").read_text())
+    assert last["method"] == "nccl" and last["from_storage"] == 0 and last["push"]["error"] is None, last
 
     # Pairs keep their K responses (skipped prompts do not): check every pair's batch.
     pairs = {r["prompt_id"]: r for r in pq.read_table(run.iter_dir(2) / "pairs").to_pylist()}

@@ -1,4 +1,4 @@
-"""Ray Serve spot checks against a live deployment on localhost (spo_ray/serve.py).
+"""Ray Serve spot checks against a live deployment on localhost (spo_ray/serve/).
 
 One Serve application for the whole module (start-up is the slow part); tests that
 reload it first put it back on π_0, so each states what it starts from.
@@ -323,3 +323,43 @@ def test_spot_check_compares_two_checkpoints_locally(policies, capsys):
     assert len(table) == 4 and table[3].startswith("| 2 | Hi \\| there |")
     cells = table[2].split(" | ")
     assert cells[2] != cells[3]  # two different policies, greedy: different answers
+
+
+def test_the_private_ray_serve_names_the_controller_takes_are_still_there():
+    """Ray 2.60 has no public API to apply a declarative Serve config or to read the deployed
+    ones, so `controller.apply_declaratively` alone uses the private controller client, and
+    `SERVE_PRIVATE_API` lists what it takes. A Ray that moves or changes one fails here, by
+    name, instead of in the middle of a training run."""
+    import importlib
+    import inspect
+    from pathlib import Path
+
+    from ray.serve.schema import APIType, ApplicationDetails, ServeInstanceDetails
+
+    from spo_ray.serve import controller
+    from spo_ray.serve.controller import SERVE_PRIVATE_API
+
+    def resolve(dotted: str):
+        module, _, attr = dotted.rpartition(".")
+        try:
+            return importlib.import_module(dotted)
+        except ModuleNotFoundError:
+            return getattr(importlib.import_module(module), attr)
+
+    for owner, name in SERVE_PRIVATE_API:
+        assert hasattr(resolve(owner), name), f"{owner}.{name} is gone from this Ray: spo_ray/serve/controller.py needs a new way"
+    client = resolve("ray.serve._private.client.ServeControllerClient")
+    assert list(inspect.signature(resolve("ray.serve.context._get_global_client")).parameters) == ["raise_if_no_controller_running"]
+    assert list(inspect.signature(client.get_serve_details).parameters) == ["self"]
+    assert list(inspect.signature(client.deploy_apps).parameters)[:2] == ["self", "config"]
+    assert isinstance(inspect.getattr_static(client, "http_config"), property)
+    assert {"applications", "http_options"} <= set(ServeInstanceDetails.model_fields)
+    assert {"source", "deployed_app_config"} <= set(ApplicationDetails.model_fields) and APIType.DECLARATIVE
+    # ... and no other file of the package reaches into Ray Serve's privates.
+    private = ("_get_global_client", "deploy_apps", "get_serve_details", "http_config", "ray.serve._private")
+    for path in Path(controller.__file__).parent.glob("*.py"):
+        if path.name != "controller.py":
+            assert not [p for p in private if p in path.read_text()], path
+    source = inspect.getsource(controller)
+    outside = source.replace(inspect.getsource(controller.apply_declaratively), "")
+    assert not [p for p in ("import _get_global_client", "_get_global_client(", ".deploy_apps(", ".get_serve_details(", ".http_config") if p in outside]

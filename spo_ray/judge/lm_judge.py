@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from spo_ray.dtypes import torch_dtype
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = (
@@ -35,7 +37,6 @@ DEFAULT_TEMPLATE = (
     "[Response B]\n{response_b}\n\n"
     "Reply with a single letter: A if Response A is better, B if Response B is better."
 )
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def answer_token_ids(tokenizer, letter: str) -> list[int]:
@@ -90,12 +91,11 @@ class LMJudge:
         """Load any Hugging Face causal LM (folder or hub id) as a frozen judge."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype={dtype!r} is not one of {', '.join(_DTYPES)}")
+        torch_dtype(dtype)  # an unknown name raises before the tokenizer loads
         path = str(path_or_name)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code
+            path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
         ).to(device)
         model.requires_grad_(False)
         logger.info("LM judge: %s on %s (%s)", path, device, dtype)

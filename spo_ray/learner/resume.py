@@ -46,7 +46,7 @@ from typing import Iterable
 import pyarrow.parquet as pq
 
 from spo_ray.data.schema import filler_row
-from spo_ray.run_dir import read_json_lines, write_json_atomic
+from spo_ray.run_dir import IterationFiles, read_json_lines, write_json_atomic, write_text_atomic
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
 
@@ -68,7 +68,7 @@ def latest_checkpoint(iter_dir: Path) -> Path | None:
     """The newest finished step checkpoint (renamed into place, position.json inside)."""
     found = [
         (int(m.group(1)), p)
-        for p in (iter_dir / "checkpoints").glob("step_*")
+        for p in IterationFiles(iter_dir).checkpoints.glob("step_*")
         if (m := _STEP_DIR.match(p.name)) and (p / "position.json").exists()
     ]
     return max(found)[1] if found else None
@@ -78,7 +78,7 @@ def save_checkpoint(engine, iter_dir: Path, position: Position, rank: int, world
     """All ranks: DeepSpeed's collective save into a temporary folder, then rank 0 renames it."""
     import torch.distributed as dist
 
-    final = iter_dir / "checkpoints" / f"step_{position.step:06d}"
+    final = IterationFiles(iter_dir).checkpoints / f"step_{position.step:06d}"
     tmp = final.with_name(f".tmp-{final.name}")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash in an earlier attempt
@@ -91,7 +91,7 @@ def save_checkpoint(engine, iter_dir: Path, position: Position, rank: int, world
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # the checkpoint is finished from here on
-        for older in (iter_dir / "checkpoints").glob("step_*"):
+        for older in final.parent.glob("step_*"):
             if older != final and _STEP_DIR.match(older.name):
                 shutil.rmtree(older, ignore_errors=True)
     return final
@@ -108,7 +108,7 @@ def restore(engine, iter_dir: Path, rank: int) -> tuple[Position, Path | None]:
             raise RuntimeError(f"learner: DeepSpeed could not load the step checkpoint {checkpoint}; delete it to restart the iteration's training")
         position = Position(**json.loads((checkpoint / "position.json").read_text()))
     if rank == 0:
-        truncate_step_records(iter_dir / "train_metrics.jsonl", position.step)
+        truncate_step_records(IterationFiles(iter_dir).train_metrics, position.step)
     return position, checkpoint
 
 
@@ -119,9 +119,7 @@ def truncate_step_records(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [record for record in read_json_lines(path) if record["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in kept))
 
 
 def _barrier(world: int, dist) -> None:
@@ -135,10 +133,11 @@ def persisted_rows(iter_dir: Path) -> list[dict]:
     by name (the writing worker's start time, its rank, the batch), so each worker's rows in
     the order it received them, worker after worker; skipped prompts put back at their
     position within their batch."""
-    parts = sorted({p.name for sub in ("pairs", "skipped") for p in (iter_dir / sub).glob("part-*.parquet")})
+    files = IterationFiles(iter_dir)
+    parts = sorted({p.name for folder in (files.pairs, files.skipped) for p in folder.glob("part-*.parquet")})
     rows: list[dict] = []
     for name in parts:
-        pair_file, skip_file = iter_dir / "pairs" / name, iter_dir / "skipped" / name
+        pair_file, skip_file = files.pairs / name, files.skipped / name
         batch = [{**r, "skip_reason": ""} for r in pq.read_table(pair_file).to_pylist()] if pair_file.exists() else []
         skipped = pq.read_table(skip_file).to_pylist() if skip_file.exists() else []
         for s in sorted(skipped, key=lambda s: s["position"]):

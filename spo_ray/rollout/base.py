@@ -1,11 +1,15 @@
-"""The Engine protocol: K sampled responses per prompt from the current policy π_t."""
+"""The Engine protocol: K sampled responses per prompt from the current policy π_t; and
+PersistentEngine, what an engine that lives for the whole run in an `EngineActor` also does."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 from spo_ray.data.chat import Prompt
+
+if TYPE_CHECKING:
+    from spo_ray.rollout.weight_sync import SyncGroupSpec, WeightPlan
 
 
 @dataclass(frozen=True)
@@ -54,4 +58,33 @@ class Engine(Protocol):
 
     def shutdown(self) -> None:
         """Free the engine's memory and stop any process it started; idempotent."""
+        ...
+
+
+@runtime_checkable
+class PersistentEngine(Engine, Protocol):
+    """An Engine held by an `EngineActor` for the whole run (spo_ray/rollout/engines.py): it
+    also frees its accelerator while the learner trains on it (colocated placement) and takes
+    π_{t+1} from the learner's broadcast (`rollout.weight_sync: nccl`, weight_sync.py).
+    Implementations: `hf.HFEngine`, `vllm.VLLMEngine`."""
+
+    @property
+    def sync_world_size(self) -> int:
+        """Ranks the engine takes in a weight-sync group: one per tensor-parallel worker."""
+        ...
+
+    def sleep(self, level: int = 1) -> None:
+        """Free the accelerator (level 2: the weights too); the next `load_weights` wakes it."""
+        ...
+
+    def init_weight_sync(self, spec: "SyncGroupSpec", rank_offset: int) -> None:
+        """Join the sync group, its workers as ranks rank_offset, rank_offset + 1, …"""
+        ...
+
+    def receive_weights(self, plan: "WeightPlan") -> int:
+        """Receive one broadcast of π_{t+1}, bucket by bucket; the number of tensors loaded."""
+        ...
+
+    def close_weight_sync(self) -> None:
+        """Leave the sync group."""
         ...

@@ -2,8 +2,8 @@
 
     RolloutEngines (driver)   starts cluster.rollout.num_actors `EngineActor`s once, with
                               cluster.rollout's CPUs/GPUs; `load`, `sleep`, `shutdown`
-    EngineActor   (Ray actor) holds one Engine (HFEngine, VLLMEngine) and the path of the
-                              policy it holds
+    EngineActor   (Ray actor) holds one PersistentEngine (HFEngine, VLLMEngine: rollout/base.py)
+                              and the path of the policy it holds
     EngineClient  (in the stream's RolloutStage, which reserves nothing itself) sends each
                               batch to one engine, leased so the stage actors spread over them
 
@@ -34,8 +34,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import ray
 
+from spo_ray.config import engine_dtype
 from spo_ray.faults import maybe_fail
-from spo_ray.rollout.base import Prompt, Rollout, SamplingConfig
+from spo_ray.rollout.base import PersistentEngine, Prompt, Rollout, SamplingConfig
 from spo_ray.rollout.factory import make_engine
 
 if TYPE_CHECKING:
@@ -50,8 +51,8 @@ class EngineActor:
     """One rollout engine (a Ray actor). Ray restarts it when it dies and retries the call
     it was running (`max_restarts=-1, max_task_retries=-1`)."""
 
-    def __init__(self, cfg: "Config", policy_path: str, engine_factory: Callable) -> None:
-        self.engine = engine_factory(cfg, policy_path)
+    def __init__(self, cfg: "Config", policy_path: str, engine_factory: Callable[["Config", str], PersistentEngine]) -> None:
+        self.engine: PersistentEngine = engine_factory(cfg, policy_path)
         self.policy = policy_path
         self.asleep = False
 
@@ -90,7 +91,7 @@ class EngineActor:
 
     def sync_ranks(self) -> int:
         """Ranks this engine takes in a sync group: its tensor-parallel workers."""
-        return getattr(self.engine, "sync_world_size", 1)
+        return self.engine.sync_world_size
 
     def shutdown(self) -> None:
         """Stop the engine and the processes it started (vLLM: EngineCore and workers)
@@ -223,7 +224,7 @@ def push_weights(
     from spo_ray.rollout.weight_sync import SyncGroupSpec, create_sync_group, plan_for_module, send_weights
 
     start = time.monotonic()
-    plan = plan_for_module(module, cfg.model.dtype, cfg.rollout.weight_sync_bucket_mb << 20)
+    plan = plan_for_module(module, engine_dtype(cfg), cfg.rollout.weight_sync_bucket_mb << 20)
     group, refs, error = None, [], None
     if rank == 0:
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from spo_ray.config import engine_dtype
+
 if TYPE_CHECKING:
     from spo_ray.config import Config
     from spo_ray.rollout.base import Engine
@@ -19,7 +21,7 @@ def make_engine(cfg: Config, policy_path: str, device: str | None = None) -> Eng
 
     return HFEngine(
         policy_path,
-        dtype=cfg.model.dtype,
+        dtype=engine_dtype(cfg),
         device=device,
         trust_remote_code=cfg.model.trust_remote_code,
         max_prompt_tokens=cfg.learner.max_prompt_length,

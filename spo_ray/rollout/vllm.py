@@ -45,6 +45,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence, TypeVar
 
+from spo_ray.config import engine_dtype
 from spo_ray.data.chat import format_prompt
 from spo_ray.rollout.base import Rollout, SamplingConfig
 
@@ -240,7 +241,7 @@ class VLLMEngine:
         r = cfg.rollout
         return cls(
             policy_path,
-            dtype=cfg.model.dtype,
+            dtype=engine_dtype(cfg),
             tensor_parallel_size=r.tensor_parallel_size,
             gpu_memory_utilization=r.gpu_memory_utilization,
             max_model_len=r.max_model_len,
@@ -421,6 +422,19 @@ class VLLMEngine:
                 torch.cuda.empty_cache()
         except ImportError:
             pass
+
+
+class _IntendedCasts(logging.Filter):
+    """vLLM warns once per tensor when it narrows a checkpoint's dtype to the engine's; with
+    `rollout.dtype` bfloat16 over float32 policies that cast is the point (hundreds of lines
+    per load otherwise). Installed where this module is imported: the owner and, through
+    `worker_extension_cls`, each worker before it loads the model."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Attempted to load weight %s with dtype")
+
+
+logging.getLogger("vllm.model_executor.models.utils").addFilter(_IntendedCasts())
 
 
 class SpoWorkerExtension:

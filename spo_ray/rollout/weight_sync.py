@@ -49,11 +49,12 @@ from typing import Any, Callable, ContextManager, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from spo_ray.dtypes import TORCH_DTYPES, torch_dtype
+
 log = logging.getLogger(__name__)
 
 BACKENDS = ("nccl", "gloo")  # gloo: CPU tensors, for tests and CPU-only runs
-# Only torch is imported here: learner workers and vLLM worker processes both load this module.
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Only torch (and spo_ray.dtypes) is imported here: learner workers and vLLM worker processes both load this module.
 # Prefixes that wrappers add to parameter names: DeepSpeed/DDP (module.), torch.compile
 # (_orig_mod.), activation checkpoint wrappers (_checkpoint_wrapped_module.).
 _WRAPPER_SEGMENTS = ("module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module")
@@ -83,8 +84,8 @@ class WeightPlan:
     buckets: tuple[tuple[TensorMeta, ...], ...]
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"WeightPlan.dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.dtype not in TORCH_DTYPES:
+            raise ValueError(f"WeightPlan.dtype={self.dtype!r} is not one of {', '.join(TORCH_DTYPES)}")
 
     @property
     def num_tensors(self) -> int:
@@ -92,7 +93,7 @@ class WeightPlan:
 
     @property
     def nbytes(self) -> int:
-        size = torch.empty(0, dtype=DTYPES[self.dtype]).element_size()
+        size = torch.empty(0, dtype=torch_dtype(self.dtype)).element_size()
         return sum(m.numel for b in self.buckets for m in b) * size
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,9 +136,7 @@ def plan_buckets(metas: Sequence[TensorMeta], dtype: str, bucket_bytes: int) -> 
     that travels alone (tensors are never split, so the receiver loads whole tensors)."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    size = torch.empty(0, dtype=DTYPES[dtype]).element_size()
+    size = torch.empty(0, dtype=torch_dtype(dtype)).element_size()
     buckets: list[tuple[TensorMeta, ...]] = []
     current: list[TensorMeta] = []
     used = 0
@@ -242,7 +241,7 @@ def send_weights(module: torch.nn.Module, plan: WeightPlan, group: SyncGroup | N
     missing = [m.name for b in plan.buckets for m in b if m.name not in params]
     if missing:
         raise KeyError(f"the plan names parameters this module lacks: {missing[:5]}")
-    dtype = DTYPES[plan.dtype]
+    dtype = torch_dtype(plan.dtype)
     error: Exception | None = None
     for bucket in plan.buckets:
         tensors = [params[m.name] for m in bucket]
@@ -274,7 +273,7 @@ def received_tensors(plan: WeightPlan, group: SyncGroup) -> Iterator[tuple[str, 
     received from rank 0 when the consumer reaches it, so one bucket is resident at a time
     (more only if the consumer keeps references, as vLLM's layer-wise reload does until a
     layer is complete)."""
-    dtype = DTYPES[plan.dtype]
+    dtype = torch_dtype(plan.dtype)
     for bucket in plan.buckets:
         flat = torch.empty(sum(m.numel for m in bucket), dtype=dtype, device=group.device)
         group.broadcast(flat)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -169,29 +168,10 @@ def test_a_broadcast_from_a_learner_reaches_the_engine(engine, policies):
     """rollout.weight_sync=nccl on CPU: learner rank 0 (a thread here) sends π_b over gloo in
     several buckets; the engine's worker receives them into vLLM's reload."""
     from spo_ray.modeling import load_policy
-    from spo_ray.rollout.engines import free_port
-    from spo_ray.rollout.weight_sync import SyncGroupSpec, create_sync_group, plan_for_module, send_weights
+    from tests.conftest import broadcast_to
 
-    source = load_policy(policies["b"])
-    plan = plan_for_module(source, "float32", bucket_bytes=32 << 10)
-    spec = SyncGroupSpec("127.0.0.1", free_port(), world_size=2, backend="gloo", timeout_s=60)
-    errors: list[BaseException] = []
-
-    def learner() -> None:
-        try:
-            group = create_sync_group(spec, 0, "cpu")
-            send_weights(source, plan, group)
-            group.close()
-        except BaseException as err:  # noqa: BLE001 - checked below
-            errors.append(err)
-
-    thread = threading.Thread(target=learner)
-    thread.start()
-    engine.init_weight_sync(spec, rank_offset=1)
-    count = engine.receive_weights(plan)
-    engine.close_weight_sync()
-    thread.join(60)
-    assert not errors and len(plan.buckets) > 1 and count == plan.num_tensors
+    plan, count = broadcast_to(engine, load_policy(policies["b"]), bucket_bytes=32 << 10)
+    assert len(plan.buckets) > 1 and count == plan.num_tensors
     assert responses(engine.generate(PROMPTS, SAMPLED)) == fresh(policies["b"])
     engine.load_weights(policies["a"])
 
