@@ -182,16 +182,14 @@ def test_bf16_reference_moves_the_log_ratios_by_little(tiny_policy, one_process_
     assert new.loss == pytest.approx(old.loss, rel=1e-2)
 
 
-def test_reference_dtype_auto_picks_bf16_only_where_it_is_fast(monkeypatch):
+def test_reference_dtype_auto_is_the_policys_even_where_bf16_is_fast(monkeypatch):
     learner = _cfg().learner
     cpu = torch.device("cpu")
     monkeypatch.setattr(models_module, "cpu_has_amx_bf16", lambda: True)
-    assert reference_dtype(learner, cpu) == "bfloat16"
-    monkeypatch.setattr(models_module, "cpu_has_amx_bf16", lambda: False)
-    assert reference_dtype(learner, cpu) == "float32"
+    assert reference_dtype(learner, cpu) == "float32"  # a float32 policy: exact log-ratios
+    assert reference_dtype(dataclasses.replace(learner, bf16=True), cpu) == "bfloat16"
     assert reference_dtype(dataclasses.replace(learner, reference_dtype="bfloat16"), cpu) == "bfloat16"
-    monkeypatch.setattr(models_module, "cpu_has_amx_bf16", lambda: True)
-    assert reference_dtype(dataclasses.replace(learner, reference_dtype="float32"), cpu) == "float32"
+    assert reference_dtype(dataclasses.replace(learner, bf16=True, reference_dtype="float32"), cpu) == "float32"
 
 
 def _cfg():
