@@ -1,7 +1,7 @@
 """The components on one GPU: generation tokens/s, PairRM pairs/s, one learner step with MFU.
 
-For a bare GPU machine (DESIGN.md §5): PyTorch, transformers, safetensors, sentencepiece and
-pyyaml only — no Ray, vLLM, DeepSpeed or network. Every model is built from a config with
+For a bare GPU machine (DESIGN.md §5): PyTorch, transformers, safetensors, sentencepiece,
+pyarrow and pyyaml only — no Ray, vLLM, DeepSpeed or network. Every model is built from a config with
 random weights, offline:
 
 - generation: `HFEngine` (what `rollout.engine=hf` runs) on a policy of Qwen2.5-0.5B's
@@ -14,7 +14,8 @@ random weights, offline:
   test SentencePiece model, so the vocabulary is small: the encoder's cost is unchanged.
 - learner: one optimizer step of the SPPO loss (`spo_ray.sppo`) on a batch of pairs at the
   paper's lengths (conf/experiment/mistral7b_sppo.yaml: max_length, max_prompt_length, β):
-  policy forward+backward under bf16 autocast, the frozen bf16 reference forward, RMSprop.
+  policy forward+backward under bf16 autocast, the frozen bf16 reference forward, RMSprop —
+  the learner's own step (`spo_ray.learner.step.learner_step`) on a plain torch optimizer.
   MFU = 6·N·tokens / step time / peak bf16 FLOP/s (N = policy parameters, tokens = 2 ×
   pairs × max_length; attention FLOPs and the reference's 2·N·tokens not counted, the
   latter reported as `mfu_with_reference`).
@@ -51,7 +52,7 @@ sys.path.insert(0, str(REPO / "tests" / "judge"))  # pairrm_checkpoints: the off
 
 from spo_ray.rollout.base import SamplingConfig  # noqa: E402
 from spo_ray.rollout.hf import HFEngine  # noqa: E402
-from spo_ray.sppo import preference_loss, sequence_logps  # noqa: E402
+from spo_ray.learner.step import LearnerModels, TorchEngine, learner_step  # noqa: E402
 
 # Dense bf16 tensor-core peaks (NVIDIA data sheets), matched in this order on the device name.
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
@@ -217,34 +218,38 @@ def bench_judge(root: Path, device: torch.device, dtype: str, size: dict, sizes:
     }
 
 
-def bench_learner(policy, device: torch.device, autocast: bool, sizes: dict, peak: float | None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The learner settings `learner_step` reads (spo_ray.learner.step.StepSettings), without Hydra."""
+
+    loss: str
+    beta: float
+    micro_batch_size: int
+    max_length: int
+    max_prompt_length: int
+
+
+def bench_learner(policy, tokenizer, device: torch.device, autocast: bool, sizes: dict, peak: float | None) -> dict:
     learner = conf("experiment", "mistral7b_sppo.yaml")["learner"]
     length, prompt_len, beta = learner["max_length"], learner["max_prompt_length"], learner["beta"]
     if sizes["max_length"]:  # --tiny
         length, prompt_len = sizes["max_length"], sizes["max_length"] // 2
     pairs = sizes["pairs"]
+    settings = StepSettings(loss="sppo", beta=beta, micro_batch_size=pairs, max_length=length, max_prompt_length=prompt_len)
     reference = build_reference(policy)
     policy.train()
     policy.config.use_cache = False
     optimizer = torch.optim.RMSprop(policy.parameters(), lr=5e-7)  # the paper's; speed does not depend on it
-    vocab = policy.config.vocab_size
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, vocab, (2 * pairs, length), generator=gen).to(device)
-    mask = torch.zeros_like(ids)
-    mask[:, prompt_len:] = 1  # response tokens; the prompt is masked
-    win = torch.rand(pairs, generator=gen).to(device)
+    models = LearnerModels(tokenizer, TorchEngine(policy, optimizer, autocast_dtype=torch.bfloat16 if autocast else None), reference)
+    # The character tokenizer makes a token of each character: prompts fill max_prompt_length,
+    # responses are cut so that every sequence is max_length tokens long.
+    rng = random.Random(0)
+    rows = [{"prompt_id": f"p{i}", "prompt": words(rng, prompt_len, len), "chosen": words(rng, length, len),
+             "rejected": words(rng, length, len), "chosen_probs_win": rng.uniform(0.5, 1.0),
+             "chosen_probs_lose": rng.uniform(0.0, 0.5), "skip_reason": ""} for i in range(pairs)]
 
     def step() -> float:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logps = sequence_logps(policy(input_ids=ids).logits, ids, mask)
-            with torch.no_grad():
-                ref = sequence_logps(reference(input_ids=ids).logits, ids, mask)
-        loss = preference_loss(logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:], loss_type="sppo", beta=beta,
-                               chosen_probs_win=win, chosen_probs_lose=1 - win).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
+        return learner_step(models, [rows], settings).loss / pairs
 
     for _ in range(sizes["warmup"]):
         step()
@@ -261,6 +266,7 @@ def bench_learner(policy, device: torch.device, autocast: bool, sizes: dict, pea
     return {
         "loss": "sppo", "beta": beta, "optimizer": "RMSprop", "precision": "bf16 autocast" if autocast else "float32",
         "reference": "frozen copy, " + str(next(reference.parameters()).dtype).replace("torch.", ""),
+        "step": "spo_ray.learner.step.learner_step on a TorchEngine",
         "pairs_per_step": pairs, "max_length": length, "max_prompt_length": prompt_len,
         "tokens_per_step": tokens, "policy_parameters": n_params,
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
@@ -349,10 +355,10 @@ def main() -> None:
         results["judge"] = stage("judge", device, bench_judge, Path(tmp) / "pairrm", device, dtype,
                                  TINY_PAIRRM if tiny else PAIRRM, judge_sizes)
         policy = policy.float()  # fp32 master weights; the matmuls run in bf16 under autocast
-        results["learner"] = stage("learner", device, bench_learner, policy, device, on_gpu, learner_sizes, peak)
+        results["learner"] = stage("learner", device, bench_learner, policy, tokenizer, device, on_gpu, learner_sizes, peak)
         if "error" in results["learner"] and learner_sizes["pairs"] > 1:  # retry once at half the batch
             learner_sizes["pairs"] //= 2
-            results["learner"] = stage("learner", device, bench_learner, policy, device, on_gpu, learner_sizes, peak)
+            results["learner"] = stage("learner", device, bench_learner, policy, tokenizer, device, on_gpu, learner_sizes, peak)
 
     import transformers
 

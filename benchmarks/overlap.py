@@ -53,6 +53,20 @@ class SimulatedEngine:
         pass
 
 
+class SimulatedStep:
+    """A learner step that sleeps `step_s` instead of computing (the models are still built
+    and the loop around the step runs as usual)."""
+
+    def __init__(self, step_s: float) -> None:
+        self.step_s = step_s
+
+    def __call__(self, models, group, cfg, stats=None):
+        from spo_ray.learner.step import StepSums
+
+        time.sleep(self.step_s)
+        return StepSums(rows=sum(len(micro) for micro in group))
+
+
 class SimulatedJudge:
     """Sleeps `batch_s` per judge batch; prefers longer responses."""
 
@@ -77,7 +91,7 @@ def run_once(cfg, policy: str, prompts: list[dict], mode: str, args) -> float:
 
     engine_factory = partial(SimulatedEngine, batch_s=args.gen_s) if args.simulate else make_engine
     judge_factory = partial(SimulatedJudge, batch_s=args.judge_s) if args.simulate else build_judge
-    extra = {"simulate_step_s": args.train_s} if args.simulate else {}
+    extra = {"step": SimulatedStep(args.train_s)} if args.simulate else {}
     run = RunDir(tempfile.mkdtemp(prefix=f"overlap-{mode}-"))
     start = time.time()
     rollouts = rollout_stream(cfg, prompts, policy, 1, engine_factory)
@@ -115,6 +129,7 @@ def main() -> None:
         "experiment=tiny",
         f"rollout.batch_size={b}", f"judge.batch_size={b}", f"learner.micro_batch_size={b}",
         f"learner.global_batch_size={b}", "learner.epochs=1",
+        *(["learner.checkpoint_every=0"] if args.simulate else []),  # the cost model: step work only
     ])
     rows = load_prompts("tiny_prompts", "builtin", "prompt", "prompt_id").rows
     prompts = [{**rows[i % len(rows)], "prompt_id": f"p{i}"} for i in range(args.prompts)]

@@ -172,6 +172,7 @@ class LearnerConfig:
     zero_stage: int = MISSING
     gradient_checkpointing: bool = MISSING
     bf16: bool = MISSING
+    reference_dtype: str = MISSING  # auto | float32 | bfloat16 (spo_ray.learner.models.reference_dtype)
     grad_clip: float = MISSING
     max_length: int = MISSING
     max_prompt_length: int = MISSING
@@ -187,6 +188,7 @@ class LearnerConfig:
             )
         _one_of("learner.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _one_of("learner.reference_dtype", self.reference_dtype, ("auto", "float32", "bfloat16"))
         _positive("learner.beta", self.beta)
         _positive("learner.lr", self.lr)
         _positive("learner.epochs", self.epochs)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from spo_ray.compose import register_configs, validate
 from spo_ray.config import Config
 from spo_ray.faults import fault_env, maybe_fail
+from spo_ray.learner.deepspeed_config import zero_stage
 from spo_ray.data.prompts import PromptReuse, iteration_prompts, load_prompts, prompt_reuse, split_prompts
 from spo_ray.report import write_report
 from spo_ray.rollout.engines import RolloutEngines
@@ -141,7 +142,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from spo_ray.learner.loop import train_loop_per_worker
+    from spo_ray.learner.loop import LoopConfig, train_loop_per_worker
 
     # Ray Data hands rows to the learner in a fixed order (reproducible training), or as
     # they finish (more overlap). Ray Train copies the driver's DataContext into the stream.
@@ -154,7 +155,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
     trainer_start_env(cfg)  # run.timeouts.trainer_start_s
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=dict(
+        train_loop_config={"loop": LoopConfig(
             cfg=cfg,
             policy_path=policy_path,
             iter_dir=str(run.iter_dir(t)),
@@ -163,7 +164,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
             iteration=t,
             fit_at=time.time(),  # the workers' start-up is timed from here (spo_ray/timeline.py)
             **loop_extra,
-        ),
+        )},
         scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         datasets={"pairs": pairs},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
@@ -318,7 +319,8 @@ def config_summary(cfg: Config, reuse: PromptReuse | None = None) -> dict[str, s
         "prompts": f"{cfg.data.format} {cfg.data.source!r}: {cfg.data.prompts_per_iteration or 'all training prompts'} per iteration, "
         f"{cfg.data.num_eval} held out (split seed {cfg.data.split_seed}; greedy eval answers ≤ {cfg.evaluate.max_new_tokens} tokens)",
         "samples": f"K={cfg.rollout.num_samples}, T={cfg.rollout.temperature}, top_p={cfg.rollout.top_p}, max_new_tokens={cfg.rollout.max_new_tokens}",
-        "learner": f"{l.loss}, beta={l.beta} (η={1 / l.beta:g}), {l.optimizer} lr={l.lr}, epochs={l.epochs}, global batch {l.global_batch_size}, ZeRO-{l.zero_stage}",
+        "learner": f"{l.loss}, beta={l.beta} (η={1 / l.beta:g}), {l.optimizer} lr={l.lr}, epochs={l.epochs}, global batch {l.global_batch_size}, "
+        f"ZeRO-{zero_stage(l, cfg.cluster.learner.num_workers)}",
         "iterations": str(cfg.run.iterations),
     }
     if reuse is not None:

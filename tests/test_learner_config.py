@@ -1,6 +1,6 @@
 import pytest
 
-from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule
+from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule, zero_stage
 from tests.conftest import compose
 
 
@@ -27,3 +27,10 @@ def test_linear_schedule_warmup_then_decay():
     want = [1 / 3, 2 / 3, 1.0, 7 / 8, 6 / 8, 5 / 8, 4 / 8, 3 / 8, 2 / 8, 1 / 8]
     assert got == pytest.approx(want)
     assert linear_schedule(0, 5, 0.0) == 1.0
+
+
+def test_a_single_worker_runs_without_zero():
+    # ZeRO partitions across workers: with one there is nothing to partition, only overhead.
+    _, cfg = compose(["experiment=tiny", "learner.micro_batch_size=2", "learner.global_batch_size=16", "learner.zero_stage=3"])
+    assert zero_stage(cfg.learner, 1) == 0 and zero_stage(cfg.learner, 2) == 3
+    assert build_deepspeed_config(cfg.learner, world_size=1)["zero_optimization"] == {"stage": 0}

@@ -1,36 +1,26 @@
 """The learner trains its policy in training mode, so `learner.gradient_checkpointing`
 really recomputes activations; the reference π_t stays in eval mode.
 
-Runs the learner's own set-up (`build_models`) and step (`_accumulate_gradients`) in this
+Runs the learner's own set-up (`build_models`) and step (`accumulate_gradients`) in this
 process on a one-process gloo group, without Ray.
 """
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
-from spo_ray.data.schema import TokenStats
-from spo_ray.learner.loop import _accumulate_gradients, build_models
+from spo_ray.learner.models import build_models, single_process_group
+from spo_ray.learner.step import accumulate_gradients
 from tests.conftest import compose
 
 
 @pytest.fixture(scope="module")
 def one_process_group():
     """The process group (and the launcher's variables DeepSpeed checks) that Ray Train
-    would have set up for a single worker. One per module: DeepSpeed keeps the group it
-    first saw, so a second group in the same process would not be its group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
-            mp.setenv(name, value)
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    would have set up for a single worker."""
+    with single_process_group():
         yield
-        torch.distributed.destroy_process_group()
 
 
 def _pair(n: int) -> dict:
@@ -60,8 +50,7 @@ def _step_trace(tiny_policy: str, checkpointing: bool) -> dict:
 
     record("policy", models.engine.module.model.layers[0])
     record("reference", models.reference.model.layers[0])
-    _accumulate_gradients(models.engine, models.reference, models.tokenizer, [[_pair(0), _pair(1)]],
-                          cfg.learner, torch.device("cpu"), TokenStats())
+    accumulate_gradients(models, [[_pair(0), _pair(1)]], cfg.learner)
     return trace
 
 

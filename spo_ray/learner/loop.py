@@ -9,10 +9,9 @@ collectives stay in lockstep; they are counted, never silently dropped. Every
 group (or a restarted driver) resumes from it without training a row twice in an epoch
 (spo_ray/learner/resume.py).
 
-Loss normalization: each micro-batch contributes Σ_pairs loss / micro_batch_size, and
-DeepSpeed divides by the accumulation steps and averages over workers, so one optimizer
-step applies Σ loss / global_batch_size — a short final step counts its pairs with the
-same weight as any other.
+The step itself (collate, log-probs, loss, backward, optimizer step) is
+`spo_ray.learner.step.learner_step`, which runs without Ray; the models are built by
+`spo_ray.learner.models.build_models`.
 """
 
 from __future__ import annotations
@@ -23,19 +22,20 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from spo_ray.config import Config
-from spo_ray.data.schema import FILLER, TokenStats, collate_pairs, filler_row, pair_table
+from spo_ray.data.schema import FILLER, TokenStats, filler_row, pair_table
 from spo_ray.faults import maybe_fail
-from spo_ray.learner.deepspeed_config import build_deepspeed_config, gradient_accumulation_steps, linear_schedule
+from spo_ray.learner.deepspeed_config import gradient_accumulation_steps, zero_stage
+from spo_ray.learner.models import build_models
 from spo_ray.learner.resume import Position, deal, epoch_order, persisted_rows, restore, save_checkpoint
+from spo_ray.learner.step import StepSums, learner_step, step_groups
 from spo_ray.run_dir import timeline_parts, write_json_atomic
-from spo_ray.sppo import preference_loss, sequence_logps
 from spo_ray.timeline import record_interval, span
 
 
@@ -62,17 +62,6 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
-
-
-def _micro_batches(rows: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    buf: list[dict] = []
-    for row in rows:
-        buf.append(row)
-        if len(buf) == size:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
 
 
 class _PairSink:
@@ -115,19 +104,6 @@ def _streamed_rows(shard, batch_size: int, sink: _PairSink, persisted: set[str],
         yield from rows
 
 
-def _filler(rows: list[dict]) -> list[dict]:
-    """Skipped rows and fillers keep their slot with a stand-in pair (weight 0 in the loss)."""
-    stand_in = {"chosen": "", "rejected": "", "chosen_probs_win": 0.5, "chosen_probs_lose": 0.5}
-    return [r if not r["skip_reason"] else {**r, **stand_in} for r in rows]
-
-
-def _optimizer(cfg: Config, params) -> torch.optim.Optimizer:
-    l = cfg.learner
-    if l.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=l.lr, weight_decay=l.weight_decay)
-    return torch.optim.AdamW(params, lr=l.lr, weight_decay=l.weight_decay)
-
-
 def _all_gather(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -163,234 +139,174 @@ def _record_stats(position: Position, stats: TokenStats, world: int) -> None:
             position.reasons[reason] = position.reasons.get(reason, 0) + n
 
 
-@dataclass
-class LearnerModels:
-    """What a worker trains with: the policy's DeepSpeed engine (training mode), the
-    frozen reference π_t (eval mode), the tokenizer and the LR schedule."""
+@dataclass(frozen=True)
+class LoopConfig:
+    """What the driver hands the learner workers for one iteration. Ray Train's API takes a
+    dict: `train_loop_config={"loop": LoopConfig(...)}`."""
 
-    tokenizer: Any
-    engine: Any  # deepspeed.DeepSpeedEngine
-    reference: torch.nn.Module
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-
-
-def build_models(cfg: Config, policy_path: str, device: torch.device, world: int, total_steps: int) -> LearnerModels:
-    """Policy and reference loaded from `policy_path`, the policy wrapped in a DeepSpeed
-    engine. Needs torch.distributed initialized (Ray Train does it; a test can start a
-    one-process gloo group)."""
-    import deepspeed
-
-    from spo_ray.modeling import load_policy, load_tokenizer
-
-    l = cfg.learner
-    tokenizer = load_tokenizer(policy_path, cfg.model.trust_remote_code)
-    model = load_policy(policy_path, "float32", device, cfg.model.trust_remote_code)
-    reference = load_policy(policy_path, "bfloat16" if l.bf16 else "float32", device, cfg.model.trust_remote_code)
-    reference.eval().requires_grad_(False)  # π_t, frozen for the whole iteration
-    if l.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.config.use_cache = False
-    optimizer = _optimizer(cfg, model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: linear_schedule(s, total_steps, l.warmup_ratio))
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=build_deepspeed_config(l, world),
-        dist_init_required=False,
-    )
-    # from_pretrained returns the model in eval mode, and transformers recomputes activations
-    # only when `gradient_checkpointing and self.training`: without this, checkpointing is a
-    # no-op (and dropout is off).
-    engine.train()
-    return LearnerModels(tokenizer, engine, reference, scheduler)
+    cfg: Config
+    policy_path: str  # π_t: the policy to train and the frozen reference
+    iter_dir: str
+    out_dir: str  # where π_{t+1} is saved (an HF folder)
+    num_prompts: int
+    iteration: int
+    fit_at: float  # the driver's time at fit(): the workers' start-up is timed from it
+    engines: Any = None  # rollout.weight_sync=nccl: the rollout engines π_{t+1} is pushed to
+    step: Callable[..., StepSums] = learner_step  # benchmarks/overlap.py --simulate swaps the work for a cost
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
+class _EpochRows:
+    """This rank's rows of each epoch (spo_ray/learner/resume.py): epoch 1 replays the
+    persisted rows not yet trained on, in arrival order, then reads the stream (persisting
+    it); later epochs read every persisted pair again, in an order fixed by the seed."""
+
+    def __init__(self, job: LoopConfig, shard, rank: int, world: int, summary: LearnerSummary) -> None:
+        self.job, self.shard, self.rank, self.world, self.summary = job, shard, rank, world, summary
+        self.iter_dir = Path(job.iter_dir)
+        self.persisted = persisted_rows(self.iter_dir)  # read by all ranks before any persists more
+        self.sink = _PairSink(self.iter_dir, rank)
+
+    def __call__(self, epoch: int, trained: set[str]) -> Iterator[dict]:
+        if epoch == 0:
+            replay = deal([r for r in self.persisted if r["prompt_id"] not in trained], self.rank, self.world)
+            self.summary.replayed_rows += sum(r["skip_reason"] != FILLER for r in replay)
+            yield from replay
+            persisted_ids = {r["prompt_id"] for r in self.persisted}
+            yield from _streamed_rows(self.shard, self.job.cfg.learner.micro_batch_size, self.sink, persisted_ids, self.summary)
+        else:
+            if self.world > 1:
+                torch.distributed.barrier()  # every rank's last parts of epoch 1 are on disk
+            rows = epoch_order(persisted_rows(self.iter_dir), self.job.cfg.run.seed, self.job.iteration, epoch)
+            yield from deal([r for r in rows if r["prompt_id"] not in trained], self.rank, self.world)
+
+
+def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
     """Ray Train entry: one iteration's training of π_t into π_{t+1}, resumable
     (spo_ray/learner/resume.py): it starts from the newest step checkpoint, if any."""
     import ray.train
 
-    cfg: Config = loop_config["cfg"]
-    policy_path: str = loop_config["policy_path"]
-    iter_dir = Path(loop_config["iter_dir"])
-    iteration: int = loop_config["iteration"]
-    num_prompts: int = loop_config["num_prompts"]
+    job = loop_config["loop"]
+    cfg, l, iter_dir = job.cfg, job.cfg.learner, Path(job.iter_dir)
     timeline = timeline_parts(iter_dir)  # this worker's busy intervals (spo_ray/timeline.py)
     # From the driver's fit() to here: worker processes, their process group, this module's
     # imports. After a learner restart it spans the failed attempt too.
-    record_interval(timeline, "learner_workers", loop_config["fit_at"], time.time())
+    record_interval(timeline, "learner_workers", job.fit_at, time.time())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    l = cfg.learner
-    use_gpu = cfg.cluster.learner.gpus_per_worker > 0
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_gpu else "cpu")
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.cluster.learner.gpus_per_worker > 0 else "cpu")
     torch.manual_seed(cfg.run.seed + rank)
-
-    gas = gradient_accumulation_steps(l, world)
-    total_steps = max(1, math.ceil(num_prompts / l.global_batch_size)) * l.epochs  # an upper bound: skipped prompts shorten it
+    accumulation = gradient_accumulation_steps(l, world)  # raises before any model is loaded
+    total_steps = max(1, math.ceil(job.num_prompts / l.global_batch_size)) * l.epochs  # an upper bound: skipped prompts shorten it
     with span(timeline, "learner_models"):
-        models = build_models(cfg, policy_path, device, world, total_steps)
-    tokenizer, engine, reference, scheduler = models.tokenizer, models.engine, models.reference, models.scheduler
+        models = build_models(cfg, job.policy_path, device, world, total_steps)
 
-    # Resume: the newest step checkpoint and every row persisted so far (all ranks read the
-    # same files before any rank persists new ones).
-    position, checkpoint = restore(engine, iter_dir, rank)
-    persisted = persisted_rows(iter_dir)
-    persisted_ids = {r["prompt_id"] for r in persisted}
+    # Resume: the newest step checkpoint and every row persisted so far.
+    position, checkpoint = restore(models.engine, iter_dir, rank)
+    summary = LearnerSummary(steps=position.step, resumed_from_step=position.step)
+    epoch_rows = _EpochRows(job, ray.train.get_dataset_shard("pairs"), rank, world, summary)
     if world > 1:
         torch.distributed.barrier()
-    if rank == 0 and (checkpoint or persisted):
+    if rank == 0 and (checkpoint or epoch_rows.persisted):
         print(
-            f"[learner] iter {iteration}: resuming at step {position.step} (epoch {position.epoch + 1}) "
-            f"from {checkpoint.name if checkpoint else 'π_t'}; {len(persisted)} rows already persisted",
+            f"[learner] iter {job.iteration}: resuming at step {position.step} (epoch {position.epoch + 1}) "
+            f"from {checkpoint.name if checkpoint else 'π_t'}; {len(epoch_rows.persisted)} rows already persisted",
             flush=True,
         )
-    sink = _PairSink(iter_dir, rank)
-    summary = LearnerSummary(steps=position.step, resumed_from_step=position.step)
     stats = _restored_stats(position, rank)
-    metrics_path = iter_dir / "train_metrics.jsonl"
-    started = time.time()
-    shard = ray.train.get_dataset_shard("pairs")
-
-    def epoch_rows(epoch: int, trained: set[str]) -> Iterator[dict]:
-        if epoch == 0:  # persisted rows not yet trained on, in arrival order, then the stream
-            replay = deal([r for r in persisted if r["prompt_id"] not in trained], rank, world)
-            summary.replayed_rows += sum(r["skip_reason"] != FILLER for r in replay)
-            yield from replay
-            yield from _streamed_rows(shard, l.micro_batch_size, sink, persisted_ids, summary)
-        else:  # every pair again, in an order fixed by the seed and the epoch
-            if world > 1:
-                torch.distributed.barrier()  # every rank's last parts of epoch 1 are on disk
-            rows = epoch_order(persisted_rows(iter_dir), cfg.run.seed, iteration, epoch)
-            yield from deal([r for r in rows if r["prompt_id"] not in trained], rank, world)
-
-    def step_groups(rows: Iterator[dict]) -> Iterator[list[list[dict]]]:
-        group: list[list[dict]] = []
-        for micro in _micro_batches(rows, l.micro_batch_size):
-            group.append(micro)
-            if len(group) == gas:
-                yield group
-                group = []
-        if group:
-            yield group
-
-    simulate_step_s = loop_config.get("simulate_step_s")  # benchmarks/overlap.py --simulate
+    progress = _Progress(job, rank, total_steps, summary)
     waiting = time.time()  # for the stream's first rows, then for each next step's, then for its end
     for epoch in range(position.epoch, l.epochs):
         trained = set(position.consumed) if epoch == position.epoch else set()
         if epoch != position.epoch:
             position.consumed = []
-        for group in step_groups(epoch_rows(epoch, trained)):
+        for group in step_groups(epoch_rows(epoch, trained), l.micro_batch_size, accumulation):
             record_interval(timeline, "learner_wait", waiting, time.time())
             ids = [r["prompt_id"] for micro in group for r in micro if r["skip_reason"] != FILLER]
-            if simulate_step_s is not None:  # the cost model: only the work is replaced
-                summary.steps += 1
-                with span(timeline, "learner_step"):
-                    time.sleep(simulate_step_s)
-                if rank == 0:
-                    with metrics_path.open("a") as f:
-                        f.write(json.dumps({"step": summary.steps, "elapsed_s": round(time.time() - started, 2)}) + "\n")
-                waiting = time.time()
-                continue
-            # The step's work only: the wait for its rows (the stream) is not in it.
-            with span(timeline, "learner_step"):
-                # Count truncations and untokenizable pairs once, in the streamed epoch.
-                totals = _accumulate_gradients(engine, reference, tokenizer, group, l, device, stats if epoch == 0 else TokenStats())
-                engine.step()
+            with span(timeline, "learner_step"):  # the step's work only, not the wait for its rows
+                # Truncations and untokenizable pairs are counted once, in the streamed epoch.
+                sums = job.step(models, group, l, stats if epoch == 0 else TokenStats())
             summary.steps += 1
-            if world > 1:
-                torch.distributed.all_reduce(totals)
             step_ids = [i for rank_ids in _all_gather(ids, world) for i in rank_ids]
             position.step, position.epoch = summary.steps, epoch
             position.consumed += step_ids
-            record = _step_record(totals, engine, scheduler, iteration, epoch, summary.steps, started)
-            record["prompt_ids"] = step_ids  # what this step trained on (no repeats within an epoch)
-            if rank == 0:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                if summary.steps % cfg.run.log_every == 0:
-                    eta = _eta_s(time.time() - started, summary, total_steps)
-                    print(
-                        f"[learner] iter {record['iteration']} epoch {epoch + 1}/{l.epochs} "
-                        f"step {summary.steps}/≤{total_steps} loss {record['loss']:.4g} "
-                        f"a {record['chosen_logratio']:+.3f} b {record['rejected_logratio']:+.3f} "
-                        f"lr {record['lr']:.2e} ETA {eta:.0f}s",
-                        flush=True,
-                    )
+            progress.log(_summed(sums, world, models.engine.device), models.scheduler, epoch, step_ids)
             if l.checkpoint_every and summary.steps % l.checkpoint_every == 0:
                 with span(timeline, "learner_checkpoint"):
                     _record_stats(position, stats, world)
-                    save_checkpoint(engine, iter_dir, position, rank, world)
+                    save_checkpoint(models.engine, iter_dir, position, rank, world)
             maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
             waiting = time.time()
     record_interval(timeline, "learner_wait", waiting, time.time())
 
-    summary.prompts_truncated = stats.prompts_truncated
-    summary.responses_truncated = stats.responses_truncated
+    summary.prompts_truncated, summary.responses_truncated = stats.prompts_truncated, stats.responses_truncated
     summary.skipped = dict(stats.reasons)  # pairs the tokenizer failed on (weight 0); see _finish
     with span(timeline, "save_policy"):
-        _finish(engine, tokenizer, cfg, iter_dir, summary, rank, world, loop_config["out_dir"])
-    if loop_config.get("engines") is not None:  # rollout.weight_sync=nccl: push π_{t+1} to the rollout engines
-        from spo_ray.rollout.engines import push_weights
-
-        agree = lambda ok: _all_gather(ok, world)[0]  # noqa: E731 - rank 0's word on every rank
-        with span(timeline, "weight_sync"):
-            pushed = push_weights(engine.module, cfg, loop_config["engines"], loop_config["out_dir"], rank, device, agree)
-        if rank == 0:
-            write_json_atomic(iter_dir / "weight_push.json", pushed)
+        _finish(models.engine, models.tokenizer, cfg, iter_dir, summary, rank, world, job.out_dir)
+    if job.engines is not None:
+        _push_weights(job, models.engine, rank, world, device)
     ray.train.report({"steps": summary.steps, "streamed_rows": summary.streamed_rows})
 
 
-def _accumulate_gradients(engine, reference, tokenizer, group: list[list[dict]], l, device, stats: TokenStats) -> torch.Tensor:
-    """Forward/backward of one optimizer step's micro-batches (DeepSpeed accumulates).
+def _push_weights(job: LoopConfig, engine, rank: int, world: int, device: torch.device) -> None:
+    """rollout.weight_sync=nccl: π_{t+1} straight into the rollout engines."""
+    from spo_ray.rollout.engines import push_weights
 
-    Returns the step's sums (loss, a, b over weighted pairs; pairs; rows) for logging.
-    """
-    totals = torch.zeros(5, dtype=torch.float64)
-    for i, micro in enumerate(group):
-        weight = torch.tensor([0.0 if r["skip_reason"] else 1.0 for r in micro], device=device)
-        batch = collate_pairs(_filler(micro), tokenizer, l.max_length, l.max_prompt_length, stats)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        weight = weight * batch["valid"]  # a pair that failed to tokenize: weight 0
-        engine.set_gradient_accumulation_boundary(i == len(group) - 1)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
-        with torch.no_grad():
-            ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            ref_logps = sequence_logps(ref_logits, batch["input_ids"], batch["loss_mask"])
-        n = len(micro)
-        per_pair = preference_loss(
-            logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
-            loss_type=l.loss, beta=l.beta,
-            chosen_probs_win=batch["chosen_probs_win"], chosen_probs_lose=batch["chosen_probs_lose"],
-        )
-        engine.backward((per_pair * weight).sum() / l.micro_batch_size)
-        a = (logps[:n] - ref_logps[:n]).detach()
-        b = (logps[n:] - ref_logps[n:]).detach()
-        totals += torch.tensor(
-            [(per_pair.detach() * weight).sum(), (a * weight).sum(), (b * weight).sum(), weight.sum(), n],
-            dtype=torch.float64,
-        )
-    return totals
+    agree = lambda ok: _all_gather(ok, world)[0]  # noqa: E731 - rank 0's word on every rank
+    with span(timeline_parts(job.iter_dir), "weight_sync"):
+        pushed = push_weights(engine.module, job.cfg, job.engines, job.out_dir, rank, device, agree)
+    if rank == 0:
+        write_json_atomic(Path(job.iter_dir) / "weight_push.json", pushed)
 
 
-def _step_record(totals: torch.Tensor, engine, scheduler, iteration: int, epoch: int, step: int, started: float) -> dict:
-    grad_norm = engine.get_global_grad_norm()
-    n_pairs = max(totals[3].item(), 1.0)
-    return {
-        "iteration": iteration,
-        "epoch": epoch,
-        "step": step,
-        "loss": totals[0].item() / n_pairs,
-        "chosen_logratio": totals[1].item() / n_pairs,  # a: log π_θ/π_t on chosen
-        "rejected_logratio": totals[2].item() / n_pairs,  # b: on rejected
-        "margin": (totals[1].item() - totals[2].item()) / n_pairs,
-        "pairs": int(totals[3].item()),
-        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "lr": scheduler.get_last_lr()[0],
-        "elapsed_s": round(time.time() - started, 2),
-    }
+def _summed(sums: StepSums, world: int, device: torch.device) -> StepSums:
+    """The step's sums over all workers (the gradient norm is global already)."""
+    if world == 1:
+        return sums
+    totals = torch.tensor(
+        [sums.loss, sums.chosen_logratio, sums.rejected_logratio, sums.pairs, sums.rows], dtype=torch.float64, device=device
+    )
+    torch.distributed.all_reduce(totals)
+    return StepSums(*totals.tolist(), grad_norm=sums.grad_norm)
+
+
+class _Progress:
+    """Rank 0 writes each step's record to train_metrics.jsonl and, every `run.log_every`
+    steps, a progress line with the ETA."""
+
+    def __init__(self, job: LoopConfig, rank: int, total_steps: int, summary: LearnerSummary) -> None:
+        self.job, self.rank, self.total_steps, self.summary = job, rank, total_steps, summary
+        self.path = Path(job.iter_dir) / "train_metrics.jsonl"
+        self.started = time.time()
+
+    def log(self, sums: StepSums, scheduler, epoch: int, step_ids: list[str]) -> None:
+        if self.rank != 0:
+            return
+        n_pairs = max(sums.pairs, 1.0)
+        record = {
+            "iteration": self.job.iteration,
+            "epoch": epoch,
+            "step": self.summary.steps,
+            "loss": sums.loss / n_pairs,
+            "chosen_logratio": sums.chosen_logratio / n_pairs,  # a: log π_θ/π_t on chosen
+            "rejected_logratio": sums.rejected_logratio / n_pairs,  # b: on rejected
+            "margin": (sums.chosen_logratio - sums.rejected_logratio) / n_pairs,
+            "pairs": int(sums.pairs),
+            "grad_norm": sums.grad_norm,
+            "lr": scheduler.get_last_lr()[0],
+            "elapsed_s": round(time.time() - self.started, 2),
+            "prompt_ids": step_ids,  # what this step trained on (no repeats within an epoch)
+        }
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.summary.steps % self.job.cfg.run.log_every == 0:
+            eta = _eta_s(time.time() - self.started, self.summary, self.total_steps)
+            print(
+                f"[learner] iter {self.job.iteration} epoch {epoch + 1}/{self.job.cfg.learner.epochs} "
+                f"step {self.summary.steps}/≤{self.total_steps} loss {record['loss']:.4g} "
+                f"a {record['chosen_logratio']:+.3f} b {record['rejected_logratio']:+.3f} "
+                f"lr {record['lr']:.2e} ETA {eta:.0f}s",
+                flush=True,
+            )
 
 
 def _finish(engine, tokenizer, cfg: Config, iter_dir: Path, summary: LearnerSummary, rank: int, world: int, out_dir: str) -> None:
@@ -398,7 +314,7 @@ def _finish(engine, tokenizer, cfg: Config, iter_dir: Path, summary: LearnerSumm
     from spo_ray.modeling import save_policy, torch_dtype
 
     summaries = _all_gather(asdict(summary), world)
-    state_dict = engine._zero3_consolidated_16bit_state_dict() if cfg.learner.zero_stage == 3 else None
+    state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage(cfg.learner, world) == 3 else None
     if rank != 0:
         return
     total = LearnerSummary(steps=summary.steps, resumed_from_step=summary.resumed_from_step)
