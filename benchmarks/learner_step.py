@@ -51,12 +51,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_line  # noqa: E402
 from spo_ray.data.chat import format_prompt  # noqa: E402
 from spo_ray.data.prompt_sets import load_alpaca_eval  # noqa: E402
 from spo_ray.data.schema import collate_pairs  # noqa: E402
 from spo_ray.gguf import converted_policy  # noqa: E402
 from spo_ray.learner.deepspeed_config import build_deepspeed_config  # noqa: E402
-from spo_ray.learner.models import build_models, cpu_has_amx_bf16, single_process_group  # noqa: E402
+from spo_ray.learner.models import build_models, single_process_group  # noqa: E402
 from spo_ray.learner.step import LearnerModels, learner_step, step_groups  # noqa: E402
 from spo_ray.modeling import load_tokenizer  # noqa: E402
 
@@ -155,17 +156,6 @@ def run_trl(trl_python: str, policy: str, tokenizer, rows: list[dict], steps: in
             "reference_dtype": "float32", "step_s": trl["step_s"][1:], "losses": trl["losses"]}  # step 1 warms up
 
 
-def machine() -> str:
-    """The CPU's model name, its cores, torch's threads, AMX bf16, the OS."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), platform.machine())
-    except OSError:
-        name = platform.machine()
-    return (f"{name}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, AMX bf16: {cpu_has_amx_bf16()}, "
-            f"{platform.platform()} (shared with other jobs)")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration and round (after one warm-up step)")
@@ -212,7 +202,7 @@ def main() -> None:
             abs(a - b) / abs(b) for a, b in zip(results["ours_sppo_hard"]["losses"], trl["losses"]))
     report = {
         "benchmark": "learner step, SmolLM2-135M-Instruct fp32, SPPO (η = 100), AdamW lr 5e-6",
-        "machine": machine(),
+        "machine": machine_line(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "pairs_per_step": pairs_per_step, "micro_batch_size": cfg.learner.micro_batch_size,

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -33,14 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.machine import machine_line  # noqa: E402
 from spo_ray.rollout.base import SamplingConfig  # noqa: E402
-
-
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    return f"{cpu}, {os.cpu_count()} CPUs ({', '.join(isa)}), {platform.system()} {platform.release()}"
 
 
 def demo_settings() -> dict:
@@ -143,7 +135,7 @@ def main() -> None:
         result["vllm_over_hf"] = round(result["vllm"]["tokens_per_s"] / result["hf"]["tokens_per_s"], 2)
     if f"hf/{s['dtype']}" in result["runs"] and "vllm" in result:  # the demo against rollout=hf, as each runs
         result["demo_vllm_over_hf"] = round(result["vllm"]["tokens_per_s"] / result["runs"][f"hf/{s['dtype']}"]["tokens_per_s"], 2)
-    result.update(settings=settings, machine=machine(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    result.update(settings=settings, machine=machine_line(), date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     print(f"{'engine/dtype':<16} {'tokens/s':>9} {'min':>7} {'max':>7} {'start s':>8}")
     for name, r in result["runs"].items():
         print(f"{name:<16} {r['tokens_per_s']:>9.1f} {r['min_tokens_per_s']:>7.1f} {r['max_tokens_per_s']:>7.1f} {r['start_s']:>8.1f}")
