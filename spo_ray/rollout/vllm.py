@@ -389,7 +389,7 @@ class VLLMEngine:
         before = children()
         llm = self._vllm.LLM(model=path, **self.llm_kwargs)
         # EngineCore (and the multiprocessing helpers vLLM started): the watchdog's from now on
-        self._reaper.track(children() - before - {self._reaper.proc.pid})
+        self._reaper.track(children() - before)  # the watchdog itself started earlier: in `before`
         return llm
 
     def _tokenizer(self, path: str):
