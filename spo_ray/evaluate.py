@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
@@ -22,7 +23,7 @@ from spo_ray.judge.base import Judge
 from spo_ray.rollout.base import Engine, Prompt, SamplingConfig
 
 if TYPE_CHECKING:
-    from spo_ray.config import Config
+    from spo_ray.config import Config, JudgeConfig
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,11 @@ def evaluate_policy(
     win rate: `win_rate`, `win_rate_ci`, `wins`, `ties`, `losses`, `judge_nan`, `n`, `avg_length`.
 
     The judge is the training stream's (`cfg.judge`); a reference-guided judge gets each
-    held-out prompt's reference answer. Runs as one Ray task (resources from
+    held-out prompt's reference answer. With `evaluate.judge` (a preset of conf/judge/) the
+    same pairs are judged again by that judge: `independent_win_rate`, `independent_win_rate_ci`,
+    `independent_wins` … `independent_n`, `independent_judge` (the preset), and
+    `judge_agreement` (share of prompts both judges gave the same outcome, of
+    `judge_agreement_n` judged by both). Runs as one Ray task (resources from
     `cluster.evaluate`); plain Python otherwise. `engine_factory(cfg, policy_path)` gives
     the engine that answers: the run's rollout engines (`RolloutEngines.clients()`), or by
     default one built here (`make_engine`). With `timeline_dir` it records its start
@@ -171,9 +176,7 @@ def evaluate_policy(
     the judge ready) and its answering and judging (`evaluation`), spo_ray/timeline.py.
     """
     entered = time.time()
-    from spo_ray.judge import attach_references, build_judge
     from spo_ray.modeling import load_tokenizer
-    from spo_ray.data.chat import judge_prompts
     from spo_ray.rollout.factory import make_engine
     from spo_ray.timeline import record_interval, span
 
@@ -198,14 +201,44 @@ def evaluate_policy(
             result["mt_bench"] = mt_bench_answers(engine, questions, sampling, e.batch_size, e.mt_bench_turns)
     if baseline is None:
         return result
-    print(f"[eval] judging {len(answers)} answers against π_0's, both orders ({cfg.judge.name} judge)", flush=True)
-    with span(timeline_dir, "eval_start"):
-        judge = build_judge(cfg.judge)
-    with span(timeline_dir, "evaluation"):
-        shown = judge_prompts(prompts, cfg.judge.prompt_format, load_tokenizer(policy_path, cfg.model.trust_remote_code))
-        attach_references(judge, shown, [p.get("reference") for p in held_out])
-        result.update(win_rate(judge_outcomes(judge, shown, answers, baseline)).as_dict())
+    tokenizer = load_tokenizer(policy_path, cfg.model.trust_remote_code)
+    judged = partial(outcomes_under, held_out=held_out, answers=answers, baseline=baseline, tokenizer=tokenizer, timeline_dir=timeline_dir)
+    training = judged(cfg.judge, "training")
+    result.update(win_rate(training).as_dict())
+    if e.judge is not None:
+        from spo_ray.compose import judge_preset
+
+        independent = judged(judge_preset(e.judge), f"independent ({e.judge})")
+        result.update({f"independent_{k}": v for k, v in win_rate(independent).as_dict().items()})
+        result["independent_judge"] = e.judge
+        result["judge_agreement"], result["judge_agreement_n"] = judge_agreement(training, independent)
     return result
+
+
+def outcomes_under(
+    judge_cfg: "JudgeConfig", label: str, held_out: list[dict], answers: list[str], baseline: list[str], tokenizer, timeline_dir: str | None
+) -> list[Optional[float]]:
+    """`judge_outcomes` under the judge `judge_cfg` (built here; its start-up recorded as
+    `eval_start`, the judging as `evaluation`), each judge seeing the prompts in its own
+    `prompt_format`; a reference-guided judge gets the held-out prompts' references."""
+    from spo_ray.data.chat import judge_prompts
+    from spo_ray.judge import attach_references, build_judge
+    from spo_ray.timeline import span
+
+    print(f"[eval] judging {len(answers)} answers against π_0's, both orders ({label} judge: {judge_cfg.name})", flush=True)
+    with span(timeline_dir, "eval_start"):
+        judge = build_judge(judge_cfg)
+    with span(timeline_dir, "evaluation"):
+        shown = judge_prompts([p["prompt"] for p in held_out], judge_cfg.prompt_format, tokenizer)
+        attach_references(judge, shown, [p.get("reference") for p in held_out])
+        return judge_outcomes(judge, shown, answers, baseline)
+
+
+def judge_agreement(a: Sequence[Optional[float]], b: Sequence[Optional[float]]) -> tuple[Optional[float], int]:
+    """How often two judges give a prompt the same outcome (win, tie or loss), over the n
+    prompts both judged (a finite margin from each): (share, n); share is None when n = 0."""
+    both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    return (sum(x == y for x, y in both) / len(both) if both else None), len(both)
 
 
 def write_answer_files(

@@ -25,7 +25,7 @@ import hydra
 import ray
 from omegaconf import DictConfig, OmegaConf
 
-from spo_ray.compose import register_configs, validate
+from spo_ray.compose import judge_preset, register_configs, validate
 from spo_ray.config import Config
 from spo_ray.faults import fault_env, maybe_fail
 from spo_ray.learner.deepspeed_config import zero_stage
@@ -68,6 +68,8 @@ def prepare_prompts(cfg: Config, run: RunDir) -> Prompts:
         run.write_json(split_file, {"train": [r["prompt_id"] for r in train], "held_out": [r["prompt_id"] for r in held_out], "skipped": loaded.skipped})
     if cfg.judge.name == "reference":
         check_references(train + held_out, d.source)
+    if cfg.evaluate.judge is not None and judge_preset(cfg.evaluate.judge).name == "reference":
+        check_references(held_out, d.source)  # the independent judge reads the held-out references
     log.info("prompts: %d train, %d held out, skipped %s", len(train), len(held_out), loaded.skipped or "none")
     reuse = prompt_reuse(len(train), d.prompts_per_iteration, cfg.run.iterations)
     if reuse is not None:

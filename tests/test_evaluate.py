@@ -123,3 +123,46 @@ def test_the_readme_smollm2_counts_follow_from_the_stored_records():
         row = f"**{r['win_rate']:.3f}** [{lo:.3f}, {hi:.3f}] | {wins} / {r['ties']} / {losses} |"
         assert row in readme, row
     assert "win rate 0.588 (89 wins, 57 ties, 54 losses)" in readme
+
+
+def test_judge_agreement_counts_prompts_both_judges_judged():
+    from spo_ray.evaluate import judge_agreement
+
+    # prompt 2: the second judge gave no outcome; prompt 3: different outcomes.
+    assert judge_agreement([1.0, 0.5, 0.0, 1.0], [1.0, 0.5, None, 0.0]) == (2 / 3, 3)
+    assert judge_agreement([None], [1.0]) == (None, 0)
+
+
+def test_evaluate_policy_reports_an_independent_judge(tiny_policy):
+    """The keyword judge trains (`experiment=tiny`); `evaluate.judge=length` judges the same
+    pairs again: each outcome follows from the answers' lengths, computed here by hand."""
+    from spo_ray.evaluate import evaluate_policy
+    from tests.conftest import compose
+
+    cfg = compose(["experiment=tiny", "evaluate.judge=length", "evaluate.max_new_tokens=6", "evaluate.batch_size=4"])[1]
+    held_out = [{"prompt_id": f"p{n}", "prompt": f"q{n}"} for n in range(3)]
+    baseline = ["", "eeee", "z" * 1000]
+    result = evaluate_policy(cfg, tiny_policy, held_out, baseline=baseline)
+    answers = result["answers"]
+
+    def by(feature):
+        return [0.5 if a == b or feature(a) == feature(b) else float(feature(a) > feature(b)) for a, b in zip(answers, baseline)]
+
+    by_length = by(len)
+    by_keyword = by(lambda s: s.count("e") / len(s) if s else 0.0)
+    assert by_length[2] == 0.0  # six tokens never outgrow 1000 characters
+    assert result["win_rate"] == pytest.approx(sum(by_keyword) / 3)
+    assert result["independent_win_rate"] == pytest.approx(sum(by_length) / 3)
+    assert result["independent_judge"] == "length" and result["independent_n"] == 3
+    assert result["independent_wins"] == by_length.count(1.0) and result["independent_losses"] == by_length.count(0.0)
+    lo, hi = result["independent_win_rate_ci"]
+    assert lo <= result["independent_win_rate"] <= hi
+    assert result["judge_agreement_n"] == 3
+    assert result["judge_agreement"] == pytest.approx(sum(a == b for a, b in zip(by_keyword, by_length)) / 3)
+
+
+def test_an_unknown_independent_judge_fails_while_composing():
+    from tests.conftest import compose
+
+    with pytest.raises(ValueError, match="evaluate.judge='nope' names no preset.*reference_mpnet"):
+        compose(["experiment=tiny", "evaluate.judge=nope"])
