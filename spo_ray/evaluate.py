@@ -89,6 +89,18 @@ def win_rate(outcomes: Sequence[Optional[float]], z: float = Z_95) -> WinRate:
     return WinRate(p, wilson_interval(p, n, z), wins, ties, losses, judge_nan, n)
 
 
+def outcome(answer: str, other: str, margin: float) -> Optional[float]:
+    """`answer`'s outcome against `other` from the judge's two-order margin: 1 (win), 0 (loss),
+    ½ (tie: margin 0, or identical answers whatever the judge says), None (non-finite margin)."""
+    if answer == other:
+        return 0.5
+    if not math.isfinite(margin):
+        return None
+    if margin == 0:
+        return 0.5
+    return 1.0 if margin > 0 else 0.0
+
+
 def judge_outcomes(judge: Judge, prompts: Sequence[str], answers: Sequence[str], baseline: Sequence[str]) -> list[Optional[float]]:
     """Outcome of `answers` against `baseline` per prompt, both orders presented to the judge.
 
@@ -98,17 +110,7 @@ def judge_outcomes(judge: Judge, prompts: Sequence[str], answers: Sequence[str],
     None where that margin is not finite.
     """
     logits = judge.batch_pairwise_logits(prompts, [[a, b] for a, b in zip(answers, baseline)])
-    outcomes: list[Optional[float]] = []
-    for a, b, m in zip(answers, baseline, logits):
-        margin = float(m[0, 1] - m[1, 0])
-        if a == b:  # identical answers tie whatever the judge says
-            outcomes.append(0.5)
-        elif not math.isfinite(margin):
-            outcomes.append(None)
-        elif margin == 0:
-            outcomes.append(0.5)
-        else:
-            outcomes.append(1.0 if margin > 0 else 0.0)
+    outcomes = [outcome(a, b, float(m[0, 1] - m[1, 0])) for a, b, m in zip(answers, baseline, logits)]
     nan = sum(o is None for o in outcomes)
     if nan:
         log.warning("the judge gave %d of %d held-out pairs a non-finite margin: counted as judge_nan, left out of the win rate", nan, len(outcomes))

@@ -8,6 +8,15 @@ from pathlib import Path
 
 from spo_ray.run_dir import RunDir, write_text_atomic, write_then_rename
 from spo_ray.timeline import STAGES, WORK_STAGES
+from spo_ray.tournament import latest_tournament, plot_tournament, tournament_markdown
+
+_TOURNAMENT_NOTE = (
+    "Every pair of policies judged on the held-out prompts in both orders by the training judge "
+    "(iter_t/tournament.json of the last iteration): W[i, j] is the rate at which i beats j (ties ½) with its "
+    "95 % Wilson interval. The Nash weight is the policy's share in the mixture that no policy beats "
+    "(the symmetric zero-sum meta-game's maximin, a linear program); exploitability is max_j W[j, i] − ½, "
+    "how far the policy's best opponent beats it."
+)
 
 
 def _plot(rows: list[dict], out: Path) -> None:
@@ -186,7 +195,12 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
     if rows:
         _plot(rows, run.path / "win_rate.png")
         lines += ["", "![win rate per iteration](win_rate.png)"]
+        lines += independent_judge(rows)
         lines += data_handling(rows)
+    tournament = latest_tournament(run)
+    if tournament is not None:
+        plot_tournament(tournament, run.path / "tournament.png")
+        lines += ["", "## Tournament of the iterates", "", _TOURNAMENT_NOTE, "", *tournament_markdown(tournament)]
     timelines = timeline_rows(run)
     if timelines:
         _plot_timeline(timelines, run.path / "timeline.png")
@@ -224,6 +238,33 @@ def write_report(run: RunDir, config_summary: dict[str, str], examples: list[dic
             ]
     # A run killed mid-write keeps the previous report whole.
     return write_text_atomic(run.path / "report.md", "\n".join(lines) + "\n")
+
+
+def independent_judge(rows: list[dict]) -> list[str]:
+    """The report's second-judge section (evaluate.judge): per iteration, the independent judge's
+    win rate of π_t against π_0 beside the training judge's, and how often the two agree."""
+    rows = [r for r in rows if "independent_win_rate" in r]
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"## Independent judge ({rows[-1]['independent_judge']})",
+        "",
+        "The same held-out pairs judged again by a judge the policy was not trained on (evaluate.judge); "
+        "agreement is the share of prompts both judges gave the same outcome (win, tie or loss).",
+        "",
+        "| t | training judge [95 % CI] | independent judge [95 % CI] | wins / ties / losses | judge NaN | agreement (n) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        agree = "?" if r["judge_agreement"] is None else f"{r['judge_agreement']:.3f}"
+        (lo, hi), (ilo, ihi) = r["win_rate_ci"], r["independent_win_rate_ci"]
+        lines.append(
+            f"| {r['iteration']} | {r['win_rate']:.3f} [{lo:.3f}, {hi:.3f}] | {r['independent_win_rate']:.3f} [{ilo:.3f}, {ihi:.3f}] | "
+            f"{r['independent_wins']} / {r['independent_ties']} / {r['independent_losses']} | {r['independent_judge_nan']} | "
+            f"{agree} ({r['judge_agreement_n']}) |"
+        )
+    return lines
 
 
 def _outcome_counts(r: dict) -> str:

@@ -2,10 +2,11 @@
 
     run_dir/
       config.yaml  manifest.json  metrics.jsonl  split.json  report.md  win_rate.png
-      logratios.png  iterations.json  (report.py)
+      logratios.png  tournament.png  iterations.json  (report.py)
       iter_0/policy/            π_0 as an HF folder; iter_0/answers.json (baseline answers)
       iter_<t>/pairs/*.parquet  the iteration's pair rows;  iter_<t>/skipped/*.parquet
       iter_<t>/policy/          π_t;  iter_<t>/eval.json;  iter_<t>/answers.json
+      iter_<t>/tournament.json  every pair of π_0 … π_t judged on the held-out prompts (tournament.py)
       iter_<t>/train_metrics.jsonl  iter_<t>/learner_summary.json
       iter_<t>/timeline.json    where the iteration's time went (spo_ray/timeline.py), merged from
                                 iter_<t>/timeline_parts/*.jsonl, one file per recording process
@@ -172,6 +173,10 @@ class IterationFiles:
     @property
     def evaluation(self) -> Path:
         return self.dir / "eval.json"
+
+    @property
+    def tournament(self) -> Path:
+        return self.dir / "tournament.json"
 
     @property
     def timeline(self) -> Path:

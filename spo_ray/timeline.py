@@ -51,9 +51,10 @@ STAGES: dict[str, str] = {
     "weight_sync": "π_t reaches the rollout engines: the learner's broadcast, the engines' reload (worker, driver)",
     "eval_start": "from the evaluation task's submission until it has loaded π_t and the judge (Ray task)",
     "evaluation": "held-out answers of π_t and their judging (Ray task)",
+    "tournament": "every pair of π_0 … π_t judged on the stored held-out answers (Ray task)",
 }
 # Useful work; everything else is overhead.
-WORK_STAGES = frozenset({"generation", "judging", "learner_step", "evaluation"})
+WORK_STAGES = frozenset({"generation", "judging", "learner_step", "evaluation", "tournament"})
 
 
 @dataclass(frozen=True)

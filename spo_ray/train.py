@@ -6,6 +6,7 @@ One iteration t turns π_{t-1} into π_t (DESIGN.md §1, §3):
     2. train      DeepSpeed workers consume the pairs as they arrive      (learner/loop.py)
                   and save π_t as an HF folder: iter_t/policy
     3. evaluate   π_t's answers vs π_0's on held-out prompts              (evaluate.py)
+                  and every pair of π_0 … π_t: iter_t/tournament.json     (tournament.py)
     4. report     metrics.jsonl, report.md, win_rate.png                  (report.py)
                   and where the time went: iter_t/timeline.json           (timeline.py)
 
@@ -36,6 +37,7 @@ from spo_ray.run_dir import RunDir, persisted_prompt_ids
 from spo_ray.sweep import sweep_run_dir
 from spo_ray.timeline import biggest_overheads, span, write_timeline
 from spo_ray.timeouts import explain_timeout, trainer_start_env
+from spo_ray.tournament import iteration_tournament
 
 log = logging.getLogger("spo_ray")
 register_configs()
@@ -371,6 +373,7 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
                 sync_engines(cfg, run, engines, policy, t)  # colocated: evaluation's first batch wakes them with π_t
             start = time.time()
             evaluation = evaluate(cfg, run, prompts.held_out, policy, t, engines)
+            iteration_tournament(cfg, run, prompts.held_out, t)  # every pair of π_0 … π_t: iter_t/tournament.json
             eval_s = time.time() - start
             timeline = write_timeline(run, t, iteration_start)
             steps = run.read_jsonl(run.iteration(t).train_metrics)

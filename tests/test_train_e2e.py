@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -24,7 +25,7 @@ FAST = [
 # iteration (they answer its evaluation).
 TINY_STAGES = {
     "weight_sync", "rollout_start", "generation", "judge_start", "judging", "learner_workers",
-    "learner_models", "learner_wait", "learner_step", "save_policy", "eval_start", "evaluation",
+    "learner_models", "learner_wait", "learner_step", "save_policy", "eval_start", "evaluation", "tournament",
 }
 
 
@@ -40,12 +41,13 @@ def _train(run_dir, *overrides):
 def test_two_iterations_write_the_run_directory_and_resume(ray_session, tmp_path):
     run = tmp_path / "run"
     # A run stopped after iteration 1 ...
-    out1 = _train(run, "run.iterations=1")
+    # (the length judge as the independent evaluation judge beside the training keyword judge)
+    out1 = _train(run, "run.iterations=1", "evaluate.judge=length")
     assert "[spo_ray] iteration 1:" in out1 and "[learner]" in out1
     pairs_1 = sorted((run / "iter_1" / "pairs").iterdir())
     stamps = [p.stat().st_mtime_ns for p in pairs_1]
     # ... continues from its last finished iteration when started again with the same dir.
-    out2 = _train(run, "run.iterations=2")
+    out2 = _train(run, "run.iterations=2", "evaluate.judge=length")
     assert "iteration 1/2" not in out2 and "[spo_ray] iteration 2:" in out2
     assert [p.stat().st_mtime_ns for p in sorted((run / "iter_1" / "pairs").iterdir())] == stamps
 
@@ -66,11 +68,27 @@ def test_two_iterations_write_the_run_directory_and_resume(ray_session, tmp_path
         assert set(ev) >= {"win_rate", "win_rate_ci", "avg_length", "wins", "ties", "losses", "judge_nan", "n"} and ev["n"] == 8
         assert ev["win_rate_ci"][0] <= ev["win_rate"] <= ev["win_rate_ci"][1]
         assert list((run / f"iter_{t}" / "pairs").glob("*.parquet"))
+    # A second judge on the same pairs, and the tournament of the iterates: its W[t][0] is the
+    # evaluation's π_t-vs-π_0 win rate (same judge, same stored answers, same outcome rule).
+    from spo_ray.tournament import KEYS
+
+    for t in (1, 2):
+        ev = json.loads((run / f"iter_{t}" / "eval.json").read_text())
+        assert ev["independent_judge"] == "length" and ev["independent_n"] == 8 and ev["judge_agreement_n"] == 8
+        assert ev["independent_win_rate_ci"][0] <= ev["independent_win_rate"] <= ev["independent_win_rate_ci"][1]
+        assert 0 <= ev["judge_agreement"] <= 1
+        tournament = json.loads((run / f"iter_{t}" / "tournament.json").read_text())
+        assert tuple(tournament) == KEYS and tournament["policies"] == [f"π_{s}" for s in range(t + 1)]
+        assert tournament["win_rate"][t][0] == ev["win_rate"] and sum(tournament["nash"]) == pytest.approx(1)
+    first = json.loads((run / "iter_1" / "eval.json").read_text())["win_rate"]
+    assert tournament["win_rate"][1][0] == first and len(tournament["exploitability"]) == 3
     # the keyword judge's preference is learnable: π_2 beats π_0
     assert iterations[-1]["win_rate"] > 0.5
 
     report = (run / "report.md").read_text()
     assert "| 2 |" in report and "win_rate.png" in report and "## Examples" in report
+    assert "## Independent judge (length)" in report and "## Tournament of the iterates" in report
+    assert (run / "tournament.png").stat().st_size > 1000
 
     # where each iteration's time went, recorded by the driver, the stage actors, the learner
     # workers and the evaluation task (each iteration here starts its driver, so its engines)
@@ -90,5 +108,5 @@ def test_two_iterations_write_the_run_directory_and_resume(ray_session, tmp_path
     assert any(not torch.equal(a, b) for a, b in zip(pi0.state_dict().values(), pi1.state_dict().values()))
 
     # a finished run started again does nothing but rewrite the report
-    out3 = _train(run, "run.iterations=2")
+    out3 = _train(run, "run.iterations=2", "evaluate.judge=length")
     assert "streaming" not in out3 and json.loads((run / "manifest.json").read_text()) == manifest
