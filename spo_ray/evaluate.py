@@ -169,8 +169,9 @@ def evaluate_policy(
     held-out prompt's reference answer. With `evaluate.judge` (a preset of conf/judge/) the
     same pairs are judged again by that judge: `independent_win_rate`, `independent_win_rate_ci`,
     `independent_wins` … `independent_n`, `independent_judge` (the preset), and
-    `judge_agreement` (share of prompts both judges gave the same outcome, of
-    `judge_agreement_n` judged by both). Runs as one Ray task (resources from
+    `judge_agreement`: the share of prompts both judges gave the same outcome, of the
+    `judge_agreement_n` prompts judged by both where π_t's and π_0's answers differ
+    (identical answers tie by rule, so they would agree trivially). Runs as one Ray task (resources from
     `cluster.evaluate`); plain Python otherwise. `engine_factory(cfg, policy_path)` gives
     the engine that answers: the run's rollout engines (`RolloutEngines.clients()`), or by
     default one built here (`make_engine`). With `timeline_dir` it records its start
@@ -213,7 +214,11 @@ def evaluate_policy(
         independent = judged(judge_preset(e.judge), f"independent ({e.judge})")
         result.update({f"independent_{k}": v for k, v in win_rate(independent).as_dict().items()})
         result["independent_judge"] = e.judge
-        result["judge_agreement"], result["judge_agreement_n"] = judge_agreement(training, independent)
+        # Identical answers tie by rule whatever a judge says: only pairs that differ are compared.
+        differ = [a != b for a, b in zip(answers, baseline)]
+        result["judge_agreement"], result["judge_agreement_n"] = judge_agreement(
+            [o for o, d in zip(training, differ) if d], [o for o, d in zip(independent, differ) if d]
+        )
     return result
 
 

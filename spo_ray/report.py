@@ -251,7 +251,8 @@ def independent_judge(rows: list[dict]) -> list[str]:
         f"## Independent judge ({rows[-1]['independent_judge']})",
         "",
         "The same held-out pairs judged again by a judge the policy was not trained on (evaluate.judge); "
-        "agreement is the share of prompts both judges gave the same outcome (win, tie or loss).",
+        "agreement is the share of prompts both judges gave the same outcome (win, tie or loss), over the n "
+        "prompts where π_t's and π_0's answers differ (identical answers tie by rule).",
         "",
         "| t | training judge [95 % CI] | independent judge [95 % CI] | wins / ties / losses | judge NaN | agreement (n) |",
         "|---|---|---|---|---|---|",

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
@@ -28,7 +29,7 @@ from spo_ray.metagame import exploitability, intransitive_cycles, nash_mixture
 from spo_ray.run_dir import RunDir, write_json_atomic, write_text_atomic, write_then_rename
 
 if TYPE_CHECKING:
-    from spo_ray.config import Config, JudgeConfig
+    from spo_ray.config import Config, DataConfig, JudgeConfig
     from spo_ray.judge.base import Judge
 
 log = logging.getLogger(__name__)
@@ -198,17 +199,31 @@ def latest_tournament(run: RunDir) -> Optional[dict]:
 
 
 # ---------------------------------------------------------------------------- across runs (CLI)
-def load_run_config(run_path: Path) -> "Config":
-    """The typed config a run was started with (its `config.yaml`)."""
+@dataclass(frozen=True)
+class RunSettings:
+    """What a tournament needs of a run's `config.yaml`: its judge, its prompt source and
+    whether its tokenizer needs remote code. Read section by section, so runs made under an
+    older schema (other learner or rollout keys) still compare."""
+
+    judge: "JudgeConfig"
+    data: "DataConfig"
+    trust_remote_code: bool
+
+
+def run_settings(run_path: Path) -> RunSettings:
     from omegaconf import OmegaConf
 
-    from spo_ray.compose import validate
-    from spo_ray.config import Config
+    from spo_ray.config import DataConfig, JudgeConfig
 
     path = run_path / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_path} has no config.yaml: not a run directory of spo_ray.train")
-    return validate(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.load(path)))
+    raw = OmegaConf.load(path)
+    try:
+        judge, data = (OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), raw[key])) for schema, key in ((JudgeConfig, "judge"), (DataConfig, "data")))
+    except Exception as err:
+        raise ValueError(f"{path}: its judge or data section does not fit spo_ray/config.py: {err.__cause__ or err}") from None
+    return RunSettings(judge, data, bool(raw.model.get("trust_remote_code", False)))  # type: ignore[arg-type]
 
 
 def run_policies(run_path: Path) -> list[tuple[int, dict]]:
@@ -222,7 +237,7 @@ def run_policies(run_path: Path) -> list[tuple[int, dict]]:
     return out
 
 
-def common_judge(configs: dict[Path, "Config"], preset: Optional[str]) -> "JudgeConfig":
+def common_judge(configs: dict[Path, RunSettings], preset: Optional[str]) -> "JudgeConfig":
     """The judge of a tournament across runs: the preset named by `--judge`, else the runs'
     training judge, which must then be the same for all."""
     from spo_ray.compose import judge_preset
@@ -244,7 +259,7 @@ def cross_run_tournament(run_paths: Sequence[Path], preset: Optional[str] = None
     prompts; a ValueError if the runs were evaluated on different prompts."""
     from spo_ray.data.prompts import load_prompts
 
-    configs = {p: load_run_config(p) for p in run_paths}
+    configs = {p: run_settings(p) for p in run_paths}
     judge_cfg = common_judge(configs, preset)
     names = [p.name for p in run_paths]
     names = names if len(set(names)) == len(names) else [str(p) for p in run_paths]
@@ -264,8 +279,8 @@ def cross_run_tournament(run_paths: Sequence[Path], preset: Optional[str] = None
     d = configs[run_paths[0]].data
     by_id = {r["prompt_id"]: r for r in load_prompts(d.source, d.format, d.prompt_field, d.id_field).rows}
     held_out = [by_id[i] for i in ids]
-    cfg = configs[run_paths[0]]
-    return judge_tournament(judge_cfg, str(RunDir(run_paths[0]).policy(0)), cfg.model.trust_remote_code, held_out, answers, policies)
+    trust = configs[run_paths[0]].trust_remote_code
+    return judge_tournament(judge_cfg, str(RunDir(run_paths[0]).policy(0)), trust, held_out, answers, policies)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
