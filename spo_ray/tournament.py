@@ -122,6 +122,7 @@ def iteration_tournament(cfg: "Config", run: RunDir, held_out: list[dict], t: in
     task with the evaluation's resources (`cluster.evaluate`); writes `iter_<t>/tournament.json`."""
     import ray
 
+    start = time.time()
     ids = [p["prompt_id"] for p in held_out]
     answers = [stored_answers(run, s, ids) for s in range(t + 1)]
     e = cfg.cluster.evaluate
@@ -139,6 +140,12 @@ def iteration_tournament(cfg: "Config", run: RunDir, held_out: list[dict], t: in
             "raise the timeout and rerun with the same run.dir"
         ) from None
     run.write_json(run.iteration(t).tournament, record)
+    best = max(range(t + 1), key=lambda i: record["nash"][i])
+    print(
+        f"[spo_ray] tournament of π_0 … π_{t}: Nash weight {record['nash'][best]:.2f} on {record['policies'][best]}, "
+        f"{len(record['cycles'])} significant cycle(s); {time.time() - start:.1f}s",
+        flush=True,
+    )
     return record
 
 
