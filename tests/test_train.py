@@ -47,6 +47,7 @@ def stubbed(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "start_engines", lambda cfg, policy, t: SimpleNamespace(shutdown=lambda: None, load=lambda p: [{"how": "storage", "seconds": 0.0}]))
     monkeypatch.setattr(train, "stream_and_train", _fake_stream_and_train)
     monkeypatch.setattr(train, "evaluate", _fake_evaluate)
+    monkeypatch.setattr(train, "iteration_tournament", lambda cfg, run, held_out, t: {})  # a Ray task (tests/test_tournament.py)
     monkeypatch.setattr(train, "write_report", lambda run, summary, examples: run.path / "report.md")
     _, cfg = compose(["experiment=tiny", f"run.dir={tmp_path / 'run'}", "run.iterations=1"])
     return cfg
