@@ -98,21 +98,22 @@ class ModelConfig(Section):
 
 @dataclass
 class RolloutConfig(Section):
+    # The values, each set once: conf/rollout/common.yaml, then what hf/vllm/vllm_cpu.yaml change.
     engine: str = MISSING
     num_samples: int = MISSING
     temperature: float = MISSING
     top_p: float = MISSING
     max_new_tokens: int = MISSING
     batch_size: int = MISSING
-    dtype: Optional[str] = None  # the engines' weights (samples and evaluation answers); None: model.dtype
+    dtype: Optional[str] = MISSING  # the engines' weights (samples and evaluation answers); None: model.dtype
     # vLLM only (engine: vllm)
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: Optional[int] = None
-    enforce_eager: bool = False
-    kv_cache_gb: Optional[float] = None  # KV cache in GiB (required on CPU); None: gpu_memory_utilization sizes it
-    enable_chunked_prefill: Optional[bool] = None  # None: vLLM's default (CPU: false, see conf/rollout/vllm_cpu.yaml)
-    cpu_bind: str = "all"  # vLLM CPU build: all | auto | nobind | a core list ("0-3"), see rollout/vllm.py
+    tensor_parallel_size: int = MISSING
+    gpu_memory_utilization: float = MISSING
+    max_model_len: Optional[int] = MISSING
+    enforce_eager: bool = MISSING
+    kv_cache_gb: Optional[float] = MISSING  # KV cache in GiB (required on CPU); None: gpu_memory_utilization sizes it
+    enable_chunked_prefill: Optional[bool] = MISSING  # None: vLLM's default (CPU: false, see conf/rollout/vllm_cpu.yaml)
+    cpu_bind: str = MISSING  # vLLM CPU build: all | auto | nobind | a core list ("0-3"), see rollout/vllm.py
     # How π_{t+1} reaches the engines (spo_ray/rollout/engines.py): storage | nccl
     weight_sync: str = MISSING
     weight_sync_bucket_mb: int = MISSING
