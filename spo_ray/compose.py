@@ -9,7 +9,8 @@ import dataclasses
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from spo_ray.config import Config, freeze
+from spo_ray.config import Config
+from spo_ray.sections import freeze
 
 
 def register_configs() -> None:
@@ -35,7 +36,7 @@ def _unknown_keys(node: DictConfig, path: str = "") -> list[str]:
 
 def validate(cfg: DictConfig) -> Config:
     """Turn a composed config into dataclasses, running every `__post_init__` check; the
-    result is read-only (`spo_ray.config.freeze`)."""
+    result is read-only (`spo_ray.sections.freeze`)."""
     unknown = _unknown_keys(cfg)
     if unknown:
         raise ValueError(f"invalid configuration: unknown key(s) {', '.join(unknown)}: not in the schema (spo_ray/config.py)")

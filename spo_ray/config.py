@@ -8,12 +8,13 @@ types, so Hydra rejects an unknown key or a wrong type while composing, and
 from __future__ import annotations
 
 import re
-from dataclasses import FrozenInstanceError, dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from omegaconf import MISSING
 
 from spo_ray.dtypes import TORCH_DTYPES
+from spo_ray.sections import Section
 from spo_ray.sppo import LOSS_TYPES
 
 DTYPES = tuple(TORCH_DTYPES)
@@ -23,34 +24,6 @@ JUDGES = ("keyword", "length", "pairrm", "reference", "lm")
 PROMPT_FORMATS = ("chat", "raw")
 DATA_FORMATS = ("jsonl", "json", "parquet", "hf_disk", "builtin", "alpaca_eval", "mt_bench")
 OPTIMIZERS = ("rmsprop", "adamw")
-
-
-class Section:
-    """Base of every config dataclass: read-only once `spo_ray.compose.validate` has checked
-    the whole configuration (`freeze`), so no stage can change what the run recorded in
-    config.yaml. Not `@dataclass(frozen=True)`: OmegaConf makes the nodes of a frozen
-    dataclass read-only, and Hydra could then apply no override. A changed copy:
-    `dataclasses.replace(section, field=value)`."""
-
-    _frozen = False
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if self._frozen:
-            raise FrozenInstanceError(
-                f"cannot assign {type(self).__name__}.{name}: the configuration is read-only once validated "
-                "(use dataclasses.replace for a changed copy)"
-            )
-        super().__setattr__(name, value)
-
-
-def freeze(section: Section) -> Section:
-    """`section` and every section inside it made read-only; returns it."""
-    for f in fields(section):  # type: ignore[arg-type]
-        value = getattr(section, f.name)
-        if isinstance(value, Section):
-            freeze(value)
-    object.__setattr__(section, "_frozen", True)
-    return section
 
 
 def _one_of(name: str, value: Any, allowed: tuple) -> None:
