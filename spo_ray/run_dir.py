@@ -182,12 +182,37 @@ class IterationFiles:
         return self.dir / "timeline_parts"
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """The run-level files of a run directory (the layout above), for code that knows the folder
+    but holds no RunDir (a RunDir creates its folder; this only names paths)."""
+
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "manifest.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def split(self) -> Path:
+        return self.dir / "split.json"
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.manifest_path = self.path / "manifest.json"
-        self.split_path = self.path / "split.json"
+        self.files = RunFiles(self.path)
+        self.manifest_path = self.files.manifest
+        self.split_path = self.files.split
 
     def iter_dir(self, t: int) -> Path:
         return iteration_dir(self.path, t)
@@ -243,7 +268,7 @@ class RunDir:
         return json.loads((self.path / relative).read_text())
 
     def append_metrics(self, record: dict) -> None:
-        path = self.path / "metrics.jsonl"
+        path = self.files.metrics
         _end_torn_line(path)
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -253,7 +278,7 @@ class RunDir:
         return read_json_lines(self.path / relative)
 
     def metrics(self) -> list[dict]:
-        return self.read_jsonl("metrics.jsonl")
+        return read_json_lines(self.files.metrics)
 
 
 def timeline_parts(iter_dir: str | Path) -> Path:

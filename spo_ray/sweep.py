@@ -30,7 +30,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from spo_ray.run_dir import read_json_lines
+from spo_ray.run_dir import RunFiles, read_json_lines
 
 log = logging.getLogger("spo_ray")
 
@@ -55,7 +55,7 @@ def sweep_run_dir(run_dir: str) -> str:
 def point_record(run_dir: Path, job: int, overrides: list[str], status: str, wall_s: float, error: str = "") -> dict[str, Any]:
     """One summary row: the point's final iteration from its metrics.jsonl (if it got that far)."""
     last: dict[str, Any] = {}
-    for record in read_json_lines(run_dir / "metrics.jsonl"):
+    for record in read_json_lines(RunFiles(run_dir).metrics):
         if record.get("kind") == "iteration":
             last = record
     ci = last.get("win_rate_ci") or [None, None]
