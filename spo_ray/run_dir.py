@@ -53,6 +53,26 @@ def write_then_rename(path: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def write_folder_then_rename(path: Path, *, replace: bool = True) -> Iterator[Path]:
+    """`write_then_rename` for a folder: yields a fresh, empty temporary sibling of `path` to
+    fill; when the block ends the temporary becomes `path` in one rename, so a reader never
+    sees a half-written folder. `replace=True` removes an existing `path` first; with
+    `replace=False` the rename fails (OSError) when another writer has already put a non-empty
+    `path` there, and that folder is kept. On any error the temporary is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes the folder private; policies and caches are shared
+        if replace and path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """`path.write_text(text)` through `write_then_rename`."""
     with write_then_rename(path) as tmp:
