@@ -39,10 +39,11 @@ def load_pairrm(
     dtype: str | torch.dtype | None = None,
     backbone: str | os.PathLike | None = None,
 ) -> tuple[PairRMModel, Any, dict[str, int]]:
-    """The model (on `device`, in `dtype`), its tokenizer (with the prefix tokens) and the
+    """The model (on `device`, in `dtype`), its tokenizer (with the prefix tokens and the
+    checkpoint's own normalization, see `_use_checkpoint_normalization`) and the
     checkpoint's length limits (`source_maxlength`, `candidate_maxlength`);
     `PairRMJudge.from_pretrained` documents the arguments."""
-    torch_dtype = _resolve_dtype(dtype, device)
+    resolved = _resolve_dtype(dtype, device)
     folder = _local_folder(name_or_path, allow_patterns=_CHECKPOINT_PATTERNS)
     if not Path(name_or_path).expanduser().is_dir() and not any(folder.glob("*.safetensors")):
         folder = _local_folder(name_or_path, allow_patterns=["*.bin"])
@@ -51,10 +52,10 @@ def load_pairrm(
         model, tokenizer, lengths = _load_ranker_layout(folder, meta, backbone)
     else:
         model, tokenizer, lengths = _load_hf_layout(folder, meta, backbone)
-    if device.type == "cpu" and torch_dtype != torch.float32:
-        logger.warning("PairRM in %s on CPU: most CPUs have no fast matmul for it; use float32", torch_dtype)
-    model = model.to(device=device, dtype=torch_dtype)
-    logger.info("loaded PairRM (%s layout) from %s on %s in %s", layout, folder, device, torch_dtype)
+    if device.type == "cpu" and resolved != torch.float32:
+        logger.warning("PairRM in %s on CPU: most CPUs have no fast matmul for it; use float32", resolved)
+    model = model.to(device=device, dtype=resolved)
+    logger.info("loaded PairRM (%s layout) from %s on %s in %s", layout, folder, device, resolved)
     return model, tokenizer, lengths
 
 
