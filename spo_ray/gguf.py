@@ -13,11 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from spo_ray.dtypes import torch_dtype
+from spo_ray.run_dir import write_folder_then_rename
 from spo_ray.shipped import installed_distribution
 
 logger = logging.getLogger(__name__)
@@ -99,23 +98,15 @@ def convert_gguf_to_hf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike,
     # GGUF metadata carries no model_max_length; the context length is the model's.
     tokenizer.model_max_length = model.config.max_position_embeddings
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared by other users
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps({**source, "source_path": str(gguf_path), "dtype": dtype}, indent=2))
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            # Another process finished first (out_dir now exists and is not empty).
-            if not _converted(out_dir, source):
-                raise
-            shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with write_folder_then_rename(out_dir, replace=False) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _MARKER).write_text(json.dumps({**source, "source_path": str(gguf_path), "dtype": dtype}, indent=2))
+    except OSError:
+        # Another process finished first (out_dir now exists and is not empty).
+        if not _converted(out_dir, source):
+            raise
     return str(out_dir)
 
 

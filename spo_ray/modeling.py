@@ -8,10 +8,7 @@ tokenizer used by tests and the `tiny` preset.
 
 from __future__ import annotations
 
-import os
-import shutil
 import string
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +25,7 @@ from transformers import (
 )
 
 from spo_ray.dtypes import torch_dtype
+from spo_ray.run_dir import write_folder_then_rename
 
 if TYPE_CHECKING:
     from spo_ray.config import RandomInitConfig
@@ -114,16 +112,12 @@ def save_policy(
     out_dir: str | Path,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write an HF folder atomically: into a temporary sibling, then rename into place.
-
-    A crash mid-write leaves a `.tmp-*` folder behind, never a half-written `out_dir`.
+    """Write an HF folder atomically: into a temporary sibling, then rename into place
+    (`write_folder_then_rename`), replacing an older `out_dir`. A crash mid-write can leave a
+    `.tmp-*` folder behind, never a half-written `out_dir`.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with write_folder_then_rename(out_dir) as tmp:
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
     return out_dir

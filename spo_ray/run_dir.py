@@ -54,6 +54,26 @@ def write_then_rename(path: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def write_folder_then_rename(path: Path, *, replace: bool = True) -> Iterator[Path]:
+    """`write_then_rename` for a folder: yields a fresh, empty temporary sibling of `path` to
+    fill; when the block ends the temporary becomes `path` in one rename, so a reader never
+    sees a half-written folder. `replace=True` removes an existing `path` first; with
+    `replace=False` the rename fails (OSError) when another writer has already put a non-empty
+    `path` there, and that folder is kept. On any error the temporary is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes the folder private; policies and caches are shared
+        if replace and path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> Path:
     """`path.write_text(text)` through `write_then_rename`."""
     with write_then_rename(path) as tmp:
@@ -187,12 +207,37 @@ class IterationFiles:
         return self.dir / "timeline_parts"
 
 
+@dataclass(frozen=True)
+class RunFiles:
+    """The run-level files of a run directory (the layout above), for code that knows the folder
+    but holds no RunDir (a RunDir creates its folder; this only names paths)."""
+
+    dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "config.yaml"
+
+    @property
+    def manifest(self) -> Path:
+        return self.dir / "manifest.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def split(self) -> Path:
+        return self.dir / "split.json"
+
+
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path).resolve()
         self.path.mkdir(parents=True, exist_ok=True)
-        self.manifest_path = self.path / "manifest.json"
-        self.split_path = self.path / "split.json"
+        self.files = RunFiles(self.path)
+        self.manifest_path = self.files.manifest
+        self.split_path = self.files.split
 
     def iter_dir(self, t: int) -> Path:
         return iteration_dir(self.path, t)
@@ -248,7 +293,7 @@ class RunDir:
         return json.loads((self.path / relative).read_text())
 
     def append_metrics(self, record: dict) -> None:
-        path = self.path / "metrics.jsonl"
+        path = self.files.metrics
         _end_torn_line(path)
         with path.open("a") as f:
             f.write(json.dumps(record) + "\n")
@@ -258,7 +303,7 @@ class RunDir:
         return read_json_lines(self.path / relative)
 
     def metrics(self) -> list[dict]:
-        return self.read_jsonl("metrics.jsonl")
+        return read_json_lines(self.files.metrics)
 
 
 def timeline_parts(iter_dir: str | Path) -> Path:

@@ -40,17 +40,18 @@ def held_out_prompts(run_dir: str, n: int) -> list[str]:
     from omegaconf import OmegaConf
 
     from spo_ray.data.prompts import load_prompts
+    from spo_ray.run_dir import RunFiles
 
-    run = Path(run_dir)
-    for name in ("config.yaml", "split.json"):
-        if not (run / name).is_file():
-            raise FileNotFoundError(f"--run-dir {run_dir!r} has no {name}: give the run.dir of a training run")
-    data = OmegaConf.load(run / "config.yaml").data
+    files = RunFiles(Path(run_dir))
+    for path in (files.config, files.split):
+        if not path.is_file():
+            raise FileNotFoundError(f"--run-dir {run_dir!r} has no {path.name}: give the run.dir of a training run")
+    data = OmegaConf.load(files.config).data
     rows = {r["prompt_id"]: r for r in load_prompts(data.source, data.format, data.prompt_field, data.get("id_field")).rows}
-    ids = json.loads((run / "split.json").read_text())["held_out"][:n]
+    ids = json.loads(files.split.read_text())["held_out"][:n]
     missing = [i for i in ids if i not in rows]
     if missing:
-        raise ValueError(f"{run / 'split.json'} names held-out prompts that data.source={data.source!r} no longer has (e.g. {missing[0]})")
+        raise ValueError(f"{files.split} names held-out prompts that data.source={data.source!r} no longer has (e.g. {missing[0]})")
     return [rows[i]["prompt"] for i in ids]
 
 

@@ -18,6 +18,7 @@ dir and continues after its last finished stage.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import time
@@ -30,7 +31,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from spo_ray.run_dir import read_json_lines
+from spo_ray.run_dir import RunFiles, read_json_lines, write_json_atomic, write_text_atomic
 
 log = logging.getLogger("spo_ray")
 
@@ -55,7 +56,7 @@ def sweep_run_dir(run_dir: str) -> str:
 def point_record(run_dir: Path, job: int, overrides: list[str], status: str, wall_s: float, error: str = "") -> dict[str, Any]:
     """One summary row: the point's final iteration from its metrics.jsonl (if it got that far)."""
     last: dict[str, Any] = {}
-    for record in read_json_lines(run_dir / "metrics.jsonl"):
+    for record in read_json_lines(RunFiles(run_dir).metrics):
         if record.get("kind") == "iteration":
             last = record
     ci = last.get("win_rate_ci") or [None, None]
@@ -78,11 +79,12 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     rows = sorted(
         (json.loads(p.read_text()) for p in sweep_dir.glob(f"*/{POINT_FILE}")), key=lambda r: r["job"]
     )
-    with open(sweep_dir / "sweep_summary.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    (sweep_dir / "sweep_summary.md").write_text(_markdown(rows))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(sweep_dir / "sweep_summary.csv", table.getvalue())
+    write_text_atomic(sweep_dir / "sweep_summary.md", _markdown(rows))
     return rows
 
 
@@ -141,7 +143,7 @@ class SweepSummary(Callback):
             time.time() - self._started,
             error,
         )
-        (run_dir / POINT_FILE).write_text(json.dumps(record, indent=2))
+        write_json_atomic(run_dir / POINT_FILE, record)  # every later summary reads it
         write_summary(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

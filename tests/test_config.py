@@ -72,3 +72,20 @@ def test_unknown_key_and_wrong_type_fail_at_compose():
         compose(["experiment=tiny", "learner.lrr=1"])
     with pytest.raises(ConfigCompositionException, match="learner.lr"):
         compose(["experiment=tiny", "learner.lr=abc"])
+
+
+def test_a_validated_config_is_read_only_and_survives_pickling():
+    import dataclasses
+    import pickle
+
+    _, cfg = compose(["experiment=tiny", "learner.lr=0.001"])  # Hydra overrides still apply
+    assert cfg.learner.lr == 0.001
+    for section, name in ((cfg, "experiment"), (cfg.learner, "lr"), (cfg.cluster.learner, "num_workers"), (cfg.run.timeouts, "eval_s")):
+        with pytest.raises(dataclasses.FrozenInstanceError, match="read-only"):
+            setattr(section, name, getattr(section, name))
+    copy = pickle.loads(pickle.dumps(cfg))  # as Ray ships it to actors and workers
+    assert copy == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        copy.learner.lr = 1.0
+    changed = dataclasses.replace(cfg.learner, lr=0.5)  # a changed copy is the way
+    assert changed.lr == 0.5 and cfg.learner.lr == 0.001

@@ -322,3 +322,14 @@ def test_colocated_placement_counts_the_larger_phase_not_the_sum():
         compose_validated(shared + ["cluster.colocate=true", "cluster.rollout.num_actors=4", "cluster.rollout.num_gpus=1", "cluster.learner.gpus_per_worker=1"])
     _, cfg = compose_validated(shared + ["cluster.colocate=true"])
     assert cfg.cluster.colocate
+
+
+def test_no_rollout_preset_restates_a_value_it_takes_from_common():
+    import yaml
+
+    common = yaml.safe_load((CONF / "rollout" / "common.yaml").read_text())
+    for name in _names("rollout") - {"common"}:
+        preset = yaml.safe_load((CONF / "rollout" / f"{name}.yaml").read_text())
+        assert preset["defaults"][0] == "common", name
+        restated = {k: v for k, v in preset.items() if k in common and common[k] == v}
+        assert restated == {}, f"conf/rollout/{name}.yaml restates {restated}: common.yaml sets it once"

@@ -1,4 +1,5 @@
-"""The run directory (spo_ray/run_dir.py): JSON-lines files that survive a crash mid-append."""
+"""The run directory (spo_ray/run_dir.py): JSON-lines files that survive a crash mid-append,
+folders written then renamed."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from spo_ray.run_dir import RunDir
+from spo_ray.run_dir import RunDir, write_folder_then_rename
 from spo_ray.sweep import point_record
 
 
@@ -32,3 +33,27 @@ def test_a_record_appended_after_a_torn_line_starts_a_line_of_its_own(tmp_path):
     metrics.write_text('{"kind": "step", "step": 1}')  # complete: only its newline was lost
     run.append_metrics({"kind": "step", "step": 2})
     assert metrics.read_text() == '{"kind": "step", "step": 1}\n{"kind": "step", "step": 2}\n'
+
+
+def test_a_folder_is_written_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "policy"
+    with write_folder_then_rename(out) as tmp:
+        (tmp / "a.txt").write_text("one")
+        assert not out.exists()  # nothing there until the block ends
+    assert (out / "a.txt").read_text() == "one" and out.stat().st_mode & 0o777 == 0o755
+
+    with pytest.raises(RuntimeError, match="crash"):
+        with write_folder_then_rename(out) as tmp:
+            (tmp / "a.txt").write_text("two")
+            raise RuntimeError("crash mid-write")
+    assert (out / "a.txt").read_text() == "one"  # the old folder, untouched
+
+    with write_folder_then_rename(out) as tmp:  # replace=True: the new folder, nothing of the old
+        (tmp / "b.txt").write_text("three")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+
+    with pytest.raises(OSError):  # replace=False: another writer's folder is kept
+        with write_folder_then_rename(out, replace=False) as tmp:
+            (tmp / "c.txt").write_text("four")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no temporaries left

@@ -56,7 +56,11 @@ class _Encoded:
 
 
 class PairRMJudge:
-    """The Judge protocol (`spo_ray.judge.base.Judge`) backed by a PairRM checkpoint."""
+    """The Judge protocol (`spo_ray.judge.base.Judge`) backed by a PairRM checkpoint.
+
+    Build it with `from_pretrained`; a tokenizer passed to the constructor directly must be
+    one `load_pairrm` returned, which normalizes text with the checkpoint's NFKC charsmap as
+    llm-blender did (a plain transformers 5 DeBERTa-v2 tokenizer uses NFC)."""
 
     def __init__(
         self,

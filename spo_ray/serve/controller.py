@@ -70,7 +70,7 @@ def application_config(cfg: ServeConfig, checkpoint: str, iteration: Optional[in
 
 # Ray 2.60 has no public API for the two things below, so Ray Serve's private controller
 # client is used here, in `apply_declaratively` alone, and SERVE_PRIVATE_API lists what it
-# takes (tests/test_serve.py checks the list against the installed Ray):
+# takes (tests/serve/test_serve.py checks the list against the installed Ray):
 # - applying a declarative config: `serve.run` always gives the deployment a new random code
 #   version, so it replaces the replica; only a declarative config (what `serve deploy` sends
 #   through the dashboard's REST API) reloads it in place;

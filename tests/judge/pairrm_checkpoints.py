@@ -11,11 +11,13 @@ Folders written under `root`:
              loads the backbone's weights before overwriting them with the ranker's)
   ranker/    llm-blender/PairRM layout: RankerConfig JSON (model_name → backbone/) + weights
   hf/        llm-blender/PairRM-hf layout: self-contained DeBERTa-v2 config with prefix ids,
-             weights and the tokenizer with the four prefix tokens added
+             weights and the tokenizer with the four prefix tokens added, saved as transformers 4
+             saved the hub's (spm.model beside a tokenizer.json that normalizes with its charsmap)
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -140,4 +142,29 @@ def build_random_pairrm(root: Path, seed: int = 0, with_hf: bool = True, **size:
     (hf / "config.json").write_text(json.dumps(hf_config, indent=2))
     save_file(state, str(hf / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(hf)
+    _as_transformers4_saved(hf)
     return {"backbone": root / "backbone", "ranker": ranker, "hf": hf, "digest": state_digest(state)}
+
+
+def sentencepiece_normalizer_json(spm_model: Path) -> dict:
+    """tokenizer.json's normalizer as transformers 4's DeBERTa-v2 converter wrote it from `spm_model`."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(spm_model.read_bytes())
+    charsmap = base64.b64encode(proto.normalizer_spec.precompiled_charsmap).decode()
+    return {"type": "Sequence", "normalizers": [
+        {"type": "Strip", "strip_left": True, "strip_right": True},
+        {"type": "Precompiled", "precompiled_charsmap": charsmap},
+        {"type": "Replace", "pattern": {"Regex": " {2,}"}, "content": " "},
+    ]}
+
+
+def _as_transformers4_saved(hf: Path) -> None:
+    """transformers 5 saves a DeBERTa-v2 tokenizer without spm.model and with its own NFC
+    normalizer in tokenizer.json; llm-blender/PairRM-hf, saved with transformers 4, has both the
+    model and the charsmap normalizer. Write them so, whichever version builds the folder."""
+    shutil.copy(TINY_SPM, hf / "spm.model")
+    tokenizer_json = json.loads((hf / "tokenizer.json").read_text(encoding="utf-8"))
+    tokenizer_json["normalizer"] = sentencepiece_normalizer_json(TINY_SPM)
+    (hf / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False), encoding="utf-8")

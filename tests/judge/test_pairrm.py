@@ -93,6 +93,64 @@ def test_layouts_agree(tiny_pairrm: dict, pairrm_parity: dict) -> None:
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
 
 
+def test_compatibility_forms_get_the_same_tokens_and_scores(ranker_judge: PairRMJudge) -> None:
+    """The checkpoint's charsmap is NFKC: each pair below is one text to PairRM (and to llm-blender)."""
+    pairs = [
+        ("Wait\u2026 what?", "Wait... what?"),
+        ("a\u00a0b", "a b"),
+        ("\u00bd cup", "1\u20442 cup"),
+        ("\ufb01ne \ufb02our", "fine flour"),
+        ("\uff21\uff22\uff23\uff11\uff12\uff13", "ABC123"),
+        ("\u3000spaced\u3000\u3000out\u00a0", "spaced out"),
+    ]
+    for a, b in pairs:
+        encoded = ranker_judge._encode("q", [a, b])
+        assert encoded.candidates[0] == encoded.candidates[1], (a, b)
+    # Same tokens in both slots: M[0, 1] and M[1, 0] are one input, so the two score alike.
+    m = ranker_judge.pairwise_logits("Is it\u2026 fine?", ["Wait\u2026 what?", "Wait... what?", "No."])
+    assert m[0, 1] == m[1, 0]
+    torch.testing.assert_close(m[0, 2], m[1, 2], atol=SAME, rtol=0)
+
+
+def _resave_with_transformers(folder: Path) -> None:
+    """What loading and saving the tokenizer with transformers 5 leaves: tokenizer.json with its NFC."""
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+    assert "Precompiled" not in (folder / "tokenizer.json").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("charsmap_in", ["tokenizer.json", "spm.model"])
+def test_hf_layout_takes_the_charsmap_from_either_file(
+    tiny_pairrm: dict, pairrm_parity: dict, tmp_path: Path, charsmap_in: str
+) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_pairrm["hf"], folder)
+    if charsmap_in == "tokenizer.json":
+        (folder / "spm.model").unlink()
+    else:
+        _resave_with_transformers(folder)
+    judge = PairRMJudge.from_pretrained(folder, device="cpu")
+    for name in ("nfkc_compat", "scripts_and_space"):
+        case = _case(pairrm_parity, name)
+        encoded = judge._encode(case["prompt"], case["responses"])
+        assert (encoded.source, encoded.candidates) == (case["source_ids"], case["candidate_ids"]), name
+
+
+def test_warns_when_the_checkpoint_has_no_charsmap(
+    tiny_pairrm: dict, pairrm_parity: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(tiny_pairrm["hf"], folder)
+    (folder / "spm.model").unlink()
+    _resave_with_transformers(folder)
+    with caplog.at_level("WARNING", logger="spo_ray"):
+        judge = PairRMJudge.from_pretrained(folder, device="cpu")
+    assert "copy the checkpoint's spm.model" in caplog.text
+    case = _case(pairrm_parity, "nfkc_compat")
+    assert judge._encode(case["prompt"], case["responses"]).candidates != case["candidate_ids"]
+
+
 def _workload(parity: dict) -> tuple[list[str], list[list[str]]]:
     short = [c for c in parity["rank_cases"] if not c["name"].startswith("long")]  # truncation: below
     prompts = [c["prompt"] for c in short]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spo_ray.judge.base import Judge, scores_from_logits
-from spo_ray.judge.reference import EMPTY_SCORE, ReferenceJudge
+from spo_ray.judge.reference import EMPTY_SCORE, ReferenceJudge, shipped_minilm_path
 
 CLEAR_CUT_PAIRS = json.loads((Path(__file__).parent / "clear_cut_pairs.json").read_text())
 
@@ -104,6 +104,21 @@ def test_shipped_minilm_agrees_with_clear_cut_pairs(minilm_judge, record_propert
     print(f"reference judge agreement on {len(margins)} clear-cut pairs: {agreement:.3f}; "
           f"median logit margin {margins.median():.2f} at temperature 0.1")
     assert agreement >= 0.8
+
+
+def test_shipped_minilm_tokenizes_as_its_tokenizer_json():
+    """transformers 5 rebuilds tokenizers from code, not from tokenizer.json's normalizer (PairRM
+    lost its NFKC that way, see test_pairrm.py); MiniLM's rebuilt BertNormalizer must match the file."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    folder = Path(shipped_minilm_path())
+    saved = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    saved.no_padding()
+    saved.no_truncation()
+    loaded = AutoTokenizer.from_pretrained(folder)
+    for text in ["Wait\u2026 really?", "a\u00a0b", "\u00bd \ufb01ne \uff21\uff22", "\u65e5\u672c \U0001f600", "   ", "Caf\u00e9\u3000x\u200by"]:
+        assert loaded(text)["input_ids"] == saved.encode(text).ids, text
 
 
 @pytest.mark.slow
