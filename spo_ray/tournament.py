@@ -285,6 +285,12 @@ def cross_run_tournament(run_paths: Sequence[Path], preset: Optional[str] = None
             answers.append(stored["answers"])
     d = configs[run_paths[0]].data
     by_id = {r["prompt_id"]: r for r in load_prompts(d.source, d.format, d.prompt_field, d.id_field).rows}
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} held-out prompts of the runs (e.g. {missing[0]!r}) are not in data.source={d.source!r} "
+            f"of {run_paths[0]}/config.yaml: the prompts (and references) are read from there"
+        )
     held_out = [by_id[i] for i in ids]
     trust = configs[run_paths[0]].trust_remote_code
     return judge_tournament(judge_cfg, str(RunDir(run_paths[0]).policy(0)), trust, held_out, answers, policies)

@@ -119,6 +119,9 @@ def test_tournament_refuses_runs_that_do_not_compare(tmp_path, tiny_policy):
     assert main([str(a), str(other_judge), "--judge", "keyword", "--out", str(tmp_path / "out")])["policies"] == [
         "a:π_0", "a:π_1", "d:π_0",
     ]
+    unknown = _fake_run(tmp_path / "e", tiny_policy, ["x"], ids=["tiny-000", "nope-1", "tiny-002", "tiny-003"])
+    with pytest.raises(ValueError, match="'nope-1'.*not in data.source='tiny_prompts'"):
+        main([str(unknown), "--out", str(tmp_path / "out")])
     with pytest.raises(FileNotFoundError, match="no config.yaml"):
         main([str(tmp_path), "--out", str(tmp_path / "out")])
 
