@@ -265,6 +265,9 @@ class LearnerPlacement(Section):
     num_workers: int = MISSING
     cpus_per_worker: float = MISSING
     gpus_per_worker: float = MISSING
+    # Custom Ray resources each worker also reserves, e.g. {learner_slot: 1} with one
+    # `learner_slot` per node puts one worker on each node.
+    resources: dict[str, float] = MISSING
 
 
 @dataclass

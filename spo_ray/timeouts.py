@@ -84,7 +84,8 @@ def explain_timeout(err: BaseException, cfg: Config, iteration: int, engines: bo
         l = c.learner
         return TimeoutError(
             f"iteration {iteration}: the learner's Ray Train workers (RayTrainWorker × {l.num_workers}, "
-            f"{l.cpus_per_worker:g} CPU + {l.gpus_per_worker:g} GPU each) were not placed within "
+            f"{l.cpus_per_worker:g} CPU + {l.gpus_per_worker:g} GPU{''.join(f' + {n:g} {k}' for k, n in l.resources.items())} "
+            f"each) were not placed within "
             f"run.timeouts.trainer_start_s={t.trainer_start_s:g}s. Check `ray status` for free resources "
             f"(the cluster has {_resources()}; the stream's pools hold some while they run), lower "
             f"cluster.learner.* or raise run.timeouts.trainer_start_s; {_RESUME}"

@@ -153,7 +153,7 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
     ray.data.DataContext.get_current().execution_options.preserve_order = cfg.run.deterministic
     placement = cfg.cluster.learner
     use_gpu = placement.gpus_per_worker > 0
-    resources = {"CPU": placement.cpus_per_worker}
+    resources = {"CPU": placement.cpus_per_worker, **placement.resources}
     if use_gpu:
         resources["GPU"] = placement.gpus_per_worker
     trainer_start_env(cfg)  # run.timeouts.trainer_start_s
