@@ -381,9 +381,10 @@ class TimeoutConfig(Section):
     actor_start_s: float = MISSING
     trainer_start_s: float = MISSING
     weight_reload_s: float = MISSING
+    shared_fs_s: float = MISSING
 
     def __post_init__(self) -> None:
-        for name in ("stream_no_progress_s", "eval_s", "actor_start_s", "trainer_start_s", "weight_reload_s"):
+        for name in ("stream_no_progress_s", "eval_s", "actor_start_s", "trainer_start_s", "weight_reload_s", "shared_fs_s"):
             _positive(f"run.timeouts.{name}", getattr(self, name))
 
 

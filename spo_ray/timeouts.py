@@ -8,6 +8,7 @@ actor and what to check, and says that the same command with the same `run.dir` 
     run.timeouts.trainer_start_s        Ray Train workers placed        (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
     run.timeouts.weight_reload_s        engines loading π_{t+1}         (RolloutEngines.load, VLLMEngine)
     run.timeouts.eval_s                 the evaluation task             (train.evaluate)
+    run.timeouts.shared_fs_s            a file rank 0 listed, elsewhere (learner.resume.SharedView)
     serve.reconfigure_timeout_s         Serve loading π_t               (serve.serve_policy)
 
 The knobs are Ray 2.60's; tests/test_timeouts.py runs each start timeout against a real

@@ -33,7 +33,7 @@ from spo_ray.data.schema import FILLER, TokenStats, filler_row, pair_table
 from spo_ray.faults import maybe_fail
 from spo_ray.learner.deepspeed_config import gradient_accumulation_steps, zero_stage
 from spo_ray.learner.models import build_models
-from spo_ray.learner.resume import Position, deal, epoch_order, persisted_rows, restore, save_checkpoint
+from spo_ray.learner.resume import Position, deal, epoch_order, persisted_rows, restore, save_checkpoint, shared_view
 from spo_ray.learner.step import StepSums, learner_step, step_groups
 from spo_ray.run_dir import timeline_parts, write_json_atomic
 from spo_ray.timeline import record_interval, span
@@ -163,7 +163,8 @@ class _EpochRows:
     def __init__(self, job: LoopConfig, shard, rank: int, world: int, summary: LearnerSummary) -> None:
         self.job, self.shard, self.rank, self.world, self.summary = job, shard, rank, world, summary
         self.iter_dir = Path(job.iter_dir)
-        self.persisted = persisted_rows(self.iter_dir)  # read by all ranks before any persists more
+        self.view = shared_view(rank, world, job.cfg.run.timeouts.shared_fs_s)  # rank 0 lists for all
+        self.persisted = persisted_rows(self.iter_dir, self.view)  # listed before any rank persists more
         self.sink = _PairSink(self.iter_dir, rank)
 
     def __call__(self, epoch: int, trained: set[str]) -> Iterator[dict]:
@@ -176,7 +177,7 @@ class _EpochRows:
         else:
             if self.world > 1:
                 torch.distributed.barrier()  # every rank's last parts of epoch 1 are on disk
-            rows = epoch_order(persisted_rows(self.iter_dir), self.job.cfg.run.seed, self.job.iteration, epoch)
+            rows = epoch_order(persisted_rows(self.iter_dir, self.view), self.job.cfg.run.seed, self.job.iteration, epoch)
             yield from deal([r for r in rows if r["prompt_id"] not in trained], self.rank, self.world)
 
 
@@ -201,7 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
         models = build_models(cfg, job.policy_path, device, world, total_steps)
 
     # Resume: the newest step checkpoint and every row persisted so far.
-    position, checkpoint = restore(models.engine, iter_dir, rank)
+    position, checkpoint = restore(models.engine, iter_dir, shared_view(rank, world, cfg.run.timeouts.shared_fs_s))
     summary = LearnerSummary(steps=position.step, resumed_from_step=position.step)
     epoch_rows = _EpochRows(job, ray.train.get_dataset_shard("pairs"), rank, world, summary)
     if world > 1:

@@ -30,6 +30,13 @@ A checkpoint is written into `checkpoints/.tmp-step_<n>` by all ranks and rename
 `step_<n>` once complete (then older ones are deleted): a crash mid-write leaves only a
 `.tmp-` folder, which no restart reads. Step records after the checkpoint are dropped from
 train_metrics.jsonl, since their steps run again.
+
+With learner workers on several nodes, the run dir is on a shared file system, whose
+listings may differ between nodes for a while (NFS caches a directory's entries for up to
+`acdirmax`, 60 s by default): one node lists a part or a checkpoint another does not yet.
+So the ranks never list for themselves: rank 0 lists (which checkpoint, which parts), its
+answer is broadcast to every rank (`SharedView`), and a rank opens exactly the files rank 0
+named, waiting up to `run.timeouts.shared_fs_s` for one its node does not show yet.
 """
 
 from __future__ import annotations
@@ -39,9 +46,11 @@ import json
 import os
 import re
 import shutil
+import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import pyarrow.parquet as pq
 
@@ -49,6 +58,56 @@ from spo_ray.data.schema import filler_row
 from spo_ray.run_dir import IterationFiles, read_json_lines, write_json_atomic, write_text_atomic
 
 _STEP_DIR = re.compile(r"step_(\d+)$")
+T = TypeVar("T")
+Broadcast = Callable[[Any], Any]  # called by every rank; returns rank 0's argument on every rank
+
+
+def _alone(obj: T) -> T:
+    return obj
+
+
+@dataclass(frozen=True)
+class SharedView:
+    """How the learner's ranks agree on what the shared run dir holds: rank 0 lists, every
+    rank gets its answer, and a rank waits up to `wait_s` for a file rank 0 named that its
+    own node does not show yet. The default is a single process (the driver, a test)."""
+
+    rank: int = 0
+    broadcast: Broadcast = _alone
+    wait_s: float = 0.0
+
+    def decide(self, list_on_rank_0: Callable[[], T]) -> T:
+        """`list_on_rank_0()` run by rank 0 alone; its result on every rank."""
+        return self.broadcast(list_on_rank_0() if self.rank == 0 else None)
+
+    def wait_for(self, path: Path) -> Path:
+        """`path`, once this node shows it (rank 0 has seen it); raises after `wait_s`."""
+        deadline = time.monotonic() + self.wait_s
+        while not path.exists():
+            if time.monotonic() >= deadline:
+                raise FileNotFoundError(
+                    f"learner rank {self.rank} on {socket.gethostname()}: {path} is not visible after "
+                    f"run.timeouts.shared_fs_s={self.wait_s:g}s although rank 0 listed it. Every node must mount "
+                    "cluster.storage as one shared file system; raise the timeout if its listings lag "
+                    "(NFS: acdirmax), then run the same command with the same run.dir to resume"
+                )
+            time.sleep(0.2)
+        return path
+
+
+def shared_view(rank: int, world: int, wait_s: float) -> SharedView:
+    """The learner workers' view: torch.distributed's broadcast from rank 0 (alone: itself)."""
+    if world == 1:
+        return SharedView(rank, _alone, wait_s)
+
+    def broadcast(obj: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    return SharedView(rank, broadcast, wait_s)
 
 
 @dataclass
@@ -97,17 +156,25 @@ def save_checkpoint(engine, iter_dir: Path, position: Position, rank: int, world
     return final
 
 
-def restore(engine, iter_dir: Path, rank: int) -> tuple[Position, Path | None]:
-    """Load the newest checkpoint into the engine (all ranks); rank 0 drops the step records
-    that came after it. Returns the position (step 0 when there is no checkpoint)."""
+def _newest_with_position(iter_dir: Path) -> tuple[str, dict] | None:
     checkpoint = latest_checkpoint(iter_dir)
-    position = Position()
-    if checkpoint is not None:
+    return None if checkpoint is None else (checkpoint.name, json.loads((checkpoint / "position.json").read_text()))
+
+
+def restore(engine, iter_dir: Path, view: SharedView = SharedView()) -> tuple[Position, Path | None]:
+    """Load the newest checkpoint, as rank 0 sees it, into the engine (all ranks); rank 0
+    drops the step records that came after it. Returns the position (step 0 when there is
+    no checkpoint)."""
+    chosen = view.decide(lambda: _newest_with_position(iter_dir))
+    position, checkpoint = Position(), None
+    if chosen is not None:
+        checkpoint = IterationFiles(iter_dir).checkpoints / chosen[0]
+        view.wait_for(checkpoint / "position.json")  # written last: the folder is complete
         path, _ = engine.load_checkpoint(str(checkpoint), tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"learner: DeepSpeed could not load the step checkpoint {checkpoint}; delete it to restart the iteration's training")
-        position = Position(**json.loads((checkpoint / "position.json").read_text()))
-    if rank == 0:
+        position = Position(**chosen[1])
+    if view.rank == 0:
         truncate_step_records(IterationFiles(iter_dir).train_metrics, position.step)
     return position, checkpoint
 
@@ -128,18 +195,24 @@ def _barrier(world: int, dist) -> None:
 
 
 # ---------------------------------------------------------------------------- data position
-def persisted_rows(iter_dir: Path) -> list[dict]:
-    """Every persisted row of the iteration, in the same order for every rank: parts sorted
-    by name (the writing worker's start time, its rank, the batch), so each worker's rows in
-    the order it received them, worker after worker; skipped prompts put back at their
-    position within their batch."""
+def persisted_parts(iter_dir: Path) -> list[tuple[str, bool, bool]]:
+    """The complete parts this process lists, sorted by name (the writing worker's start
+    time, its rank, the batch): (name, has a pairs file, has a skipped file)."""
     files = IterationFiles(iter_dir)
-    parts = sorted({p.name for folder in (files.pairs, files.skipped) for p in folder.glob("part-*.parquet")})
+    pairs, skipped = ({p.name for p in folder.glob("part-*.parquet")} for folder in (files.pairs, files.skipped))
+    return [(name, name in pairs, name in skipped) for name in sorted(pairs | skipped)]
+
+
+def persisted_rows(iter_dir: Path, view: SharedView = SharedView()) -> list[dict]:
+    """Every persisted row of the iteration, in the same order for every rank: the parts
+    rank 0 lists, in name order, so each worker's rows in the order it received them,
+    worker after worker; skipped prompts put back at their position within their batch."""
+    files = IterationFiles(iter_dir)
     rows: list[dict] = []
-    for name in parts:
+    for name, has_pairs, has_skipped in view.decide(lambda: persisted_parts(iter_dir)):
         pair_file, skip_file = files.pairs / name, files.skipped / name
-        batch = [{**r, "skip_reason": ""} for r in pq.read_table(pair_file).to_pylist()] if pair_file.exists() else []
-        skipped = pq.read_table(skip_file).to_pylist() if skip_file.exists() else []
+        batch = [{**r, "skip_reason": ""} for r in pq.read_table(view.wait_for(pair_file)).to_pylist()] if has_pairs else []
+        skipped = pq.read_table(view.wait_for(skip_file)).to_pylist() if has_skipped else []
         for s in sorted(skipped, key=lambda s: s["position"]):
             batch.insert(s["position"], {"prompt": "", **{k: v for k, v in s.items() if k != "position"}})
         rows += batch

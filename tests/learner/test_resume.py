@@ -16,7 +16,7 @@ import torch
 
 from spo_ray.data.schema import FILLER
 from spo_ray.learner.resume import (
-    Position, deal, epoch_order, latest_checkpoint, persisted_rows, restore, save_checkpoint, truncate_step_records
+    Position, SharedView, deal, epoch_order, latest_checkpoint, persisted_rows, restore, save_checkpoint, truncate_step_records
 )
 from tests.conftest import compose
 from tests.fault_report import record_fault
@@ -107,14 +107,100 @@ def test_pairs_the_tokenizer_failed_on_before_a_checkpoint_are_still_counted_aft
     loop._record_stats(position, rank0, world=2)
     save_checkpoint(_Engine(), tmp_path, position, rank=0, world=1)
 
-    restored, _ = restore(_Engine(), tmp_path, rank=0)
+    restored, _ = restore(_Engine(), tmp_path)
     assert loop._restored_stats(restored, rank=0) == TokenStats(1, 3, {"tokenize_error": 4})
     assert loop._restored_stats(restored, rank=1) == TokenStats()  # the ranks' counts are summed at the end
 
     # a position.json written before the tokenizer failures were recorded still loads
     old = {k: v for k, v in json.loads((latest_checkpoint(tmp_path) / "position.json").read_text()).items() if k != "reasons"}
     (latest_checkpoint(tmp_path) / "position.json").write_text(json.dumps(old))
-    assert restore(_Engine(), tmp_path, rank=0)[0] == Position(step=2, prompts_truncated=1, responses_truncated=3)
+    assert restore(_Engine(), tmp_path)[0] == Position(step=2, prompts_truncated=1, responses_truncated=3)
+
+
+class _TwoRanks:
+    """Two learner ranks as threads: `broadcast` hands rank 0's object to both, as
+    torch.distributed.broadcast_object_list does; `listed` is set once rank 0 has listed."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.barrier, self.listed, self.box = threading.Barrier(2, timeout=30), threading.Event(), None
+
+    def view(self, rank: int, wait_s: float = 10.0) -> SharedView:
+        def broadcast(obj):
+            if rank == 0:
+                self.box = obj
+                self.listed.set()
+            self.barrier.wait()
+            return self.box
+
+        return SharedView(rank, broadcast, wait_s)
+
+    def run_rank_0(self, fn):
+        """Start rank 0's call in a thread; returns a function that joins it and gives its result."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(1)
+        future = pool.submit(fn, self.view(0))
+        assert self.listed.wait(30)
+        return lambda: (future.result(30), pool.shutdown())[0]
+
+
+def _sink_rows(pids: list[str]) -> list[dict]:
+    return [
+        {"prompt_id": p, "prompt": "q", "responses": ["a", "b"], "scores": [1.0, 0.0], "win_rates": [0.6, 0.4], "chosen": "a",
+         "rejected": "b", "chosen_probs": 0.7, "chosen_probs_win": 0.6, "chosen_probs_lose": 0.4, "iteration": 1, "skip_reason": ""}
+        for p in pids
+    ]
+
+
+def test_every_rank_reads_the_parts_rank_0_listed_although_its_node_lists_others(tmp_path):
+    """Rank 1's node lists the shared run dir differently: a part written after rank 0 listed
+    is there, one rank 0 listed is not yet (a directory cache). Rank 1 reads what rank 0
+    listed, waiting for the part it does not see, so both replay the same rows."""
+    import threading
+
+    from spo_ray.learner.loop import _PairSink
+
+    _PairSink(tmp_path, rank=0).write(_sink_rows(["a", "b"]))
+    _PairSink(tmp_path, rank=1).write(_sink_rows(["c"]))
+    ranks = _TwoRanks()
+    rank_0_rows = ranks.run_rank_0(lambda view: persisted_rows(tmp_path, view))
+    _PairSink(tmp_path, rank=0).write(_sink_rows(["late"]))  # renamed into place after rank 0 listed
+    hidden = next((tmp_path / "pairs").glob("part-*-r001-*"))
+    aside = hidden.rename(tmp_path / "aside")  # not visible on rank 1's node yet ...
+    threading.Timer(0.5, aside.rename, args=(hidden,)).start()  # ... until half a second later
+    rows = persisted_rows(tmp_path, ranks.view(1))
+    assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in rank_0_rows()] == ["a", "b", "c"]
+    assert [r["prompt_id"] for r in persisted_rows(tmp_path)] == ["a", "b", "c", "late"]  # the next listing has it
+
+
+def test_every_rank_loads_the_checkpoint_rank_0_chose_and_its_position(tmp_path):
+    """A later checkpoint renamed into place after rank 0 chose (the previous attempt's last
+    rename, seen late) is not loaded by rank 1: both ranks load rank 0's, with its position."""
+    loaded = []
+
+    class Engine(_Engine):
+        def load_checkpoint(self, path: str, tag: str, **_) -> tuple[str, dict]:
+            loaded.append(Path(path).name)
+            return path, {}
+
+    save_checkpoint(Engine(), tmp_path, Position(step=2, consumed=["a", "b"]), rank=0, world=1)
+    ranks = _TwoRanks()
+    rank_0 = ranks.run_rank_0(lambda view: restore(Engine(), tmp_path, view))
+    later = tmp_path / "checkpoints" / "step_000004"
+    later.mkdir()
+    (later / "position.json").write_text(json.dumps(asdict(Position(step=4, consumed=["a", "b", "c", "d"]))))
+    position, checkpoint = restore(Engine(), tmp_path, ranks.view(1))
+    assert (position, checkpoint) == rank_0() == (Position(step=2, consumed=["a", "b"]), tmp_path / "checkpoints" / "step_000002")
+    assert loaded == ["step_000002", "step_000002"]
+    assert latest_checkpoint(tmp_path) == later  # the next listing has it
+
+
+def test_a_file_rank_0_listed_that_never_shows_fails_naming_the_timeout(tmp_path):
+    view = SharedView(rank=1, broadcast=lambda _: [("part-x.parquet", True, False)], wait_s=0.3)
+    with pytest.raises(FileNotFoundError, match=r"pairs/part-x.parquet is not visible after run.timeouts.shared_fs_s=0.3s"):
+        persisted_rows(tmp_path, view)
 
 
 def test_the_eta_after_a_resume_counts_only_the_steps_this_attempt_took():
