@@ -76,6 +76,7 @@ class _PairSink:
         self.skipped_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = f"part-{time.time_ns():020d}-r{rank:03d}"
         self.batches = 0
+        self.written: list[tuple[str, bool, bool]] = []  # (part, pairs?, skipped?): resume.persisted_rows
 
     def write(self, rows: list[dict]) -> None:
         name = f"{self.prefix}-{self.batches:05d}.parquet"
@@ -89,6 +90,7 @@ class _PairSink:
                 [{"prompt_id": r["prompt_id"], "skip_reason": r["skip_reason"], "iteration": r["iteration"], "position": i} for i, r in skipped]
             )
             write_parquet_atomic(table, self.skipped_dir / name)
+        self.written.append((name, bool(pairs), bool(skipped)))
 
 
 def _streamed_rows(shard, batch_size: int, sink: _PairSink, persisted: set[str], summary: LearnerSummary) -> Iterator[dict]:
@@ -177,7 +179,7 @@ class _EpochRows:
         else:
             if self.world > 1:
                 torch.distributed.barrier()  # every rank's last parts of epoch 1 are on disk
-            rows = epoch_order(persisted_rows(self.iter_dir, self.view), self.job.cfg.run.seed, self.job.iteration, epoch)
+            rows = epoch_order(persisted_rows(self.iter_dir, self.view, self.sink.written), self.job.cfg.run.seed, self.job.iteration, epoch)
             yield from deal([r for r in rows if r["prompt_id"] not in trained], self.rank, self.world)
 
 

@@ -36,7 +36,14 @@ listings may differ between nodes for a while (NFS caches a directory's entries 
 `acdirmax`, 60 s by default): one node lists a part or a checkpoint another does not yet.
 So the ranks never list for themselves: rank 0 lists (which checkpoint, which parts), its
 answer is broadcast to every rank (`SharedView`), and a rank opens exactly the files rank 0
-named, waiting up to `run.timeouts.shared_fs_s` for one its node does not show yet.
+named, waiting up to `run.timeouts.shared_fs_s` for one its node does not show yet. For a
+later epoch, each rank also names the parts it wrote itself, which rank 0 takes even before
+its node lists them.
+
+Not covered: the driver lists the persisted prompts too (`remaining_pair_stream` leaves
+them out of a restarted stream). If its node shows a part of an earlier attempt that rank
+0's does not yet, those prompts are neither streamed nor replayed in epoch 1 (later epochs
+and the counts read them again).
 """
 
 from __future__ import annotations
@@ -60,21 +67,29 @@ from spo_ray.run_dir import IterationFiles, read_json_lines, write_json_atomic, 
 _STEP_DIR = re.compile(r"step_(\d+)$")
 T = TypeVar("T")
 Broadcast = Callable[[Any], Any]  # called by every rank; returns rank 0's argument on every rank
+Gather = Callable[[Any], list]  # called by every rank; returns every rank's argument, in rank order
+Part = tuple[str, bool, bool]  # a persisted part: its name, whether it has a pairs file, a skipped file
 
 
 def _alone(obj: T) -> T:
     return obj
 
 
+def _gather_alone(obj: T) -> list[T]:
+    return [obj]
+
+
 @dataclass(frozen=True)
 class SharedView:
     """How the learner's ranks agree on what the shared run dir holds: rank 0 lists, every
     rank gets its answer, and a rank waits up to `wait_s` for a file rank 0 named that its
-    own node does not show yet. The default is a single process (the driver, a test)."""
+    own node does not show yet; `gather` collects every rank's own word (the parts it
+    wrote). The default is a single process (the driver, a test)."""
 
     rank: int = 0
     broadcast: Broadcast = _alone
     wait_s: float = 0.0
+    gather: Gather = _gather_alone
 
     def decide(self, list_on_rank_0: Callable[[], T]) -> T:
         """`list_on_rank_0()` run by rank 0 alone; its result on every rank."""
@@ -99,15 +114,19 @@ def shared_view(rank: int, world: int, wait_s: float) -> SharedView:
     """The learner workers' view: torch.distributed's broadcast from rank 0 (alone: itself)."""
     if world == 1:
         return SharedView(rank, _alone, wait_s)
+    import torch.distributed as dist
 
     def broadcast(obj: Any) -> Any:
-        import torch.distributed as dist
-
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    return SharedView(rank, broadcast, wait_s)
+    def gather(obj: Any) -> list:
+        out = [None] * world
+        dist.all_gather_object(out, obj)
+        return out
+
+    return SharedView(rank, broadcast, wait_s, gather)
 
 
 @dataclass
@@ -195,21 +214,26 @@ def _barrier(world: int, dist) -> None:
 
 
 # ---------------------------------------------------------------------------- data position
-def persisted_parts(iter_dir: Path) -> list[tuple[str, bool, bool]]:
-    """The complete parts this process lists, sorted by name (the writing worker's start
-    time, its rank, the batch): (name, has a pairs file, has a skipped file)."""
+def persisted_parts(iter_dir: Path, known: Iterable[Part] = ()) -> list[Part]:
+    """The complete parts this process lists, and the `known` ones it may not list yet,
+    sorted by name (the writing worker's start time, its rank, the batch)."""
     files = IterationFiles(iter_dir)
     pairs, skipped = ({p.name for p in folder.glob("part-*.parquet")} for folder in (files.pairs, files.skipped))
+    for name, has_pairs, has_skipped in known:
+        pairs |= {name} if has_pairs else set()
+        skipped |= {name} if has_skipped else set()
     return [(name, name in pairs, name in skipped) for name in sorted(pairs | skipped)]
 
 
-def persisted_rows(iter_dir: Path, view: SharedView = SharedView()) -> list[dict]:
+def persisted_rows(iter_dir: Path, view: SharedView = SharedView(), written: Iterable[Part] = ()) -> list[dict]:
     """Every persisted row of the iteration, in the same order for every rank: the parts
-    rank 0 lists, in name order, so each worker's rows in the order it received them,
-    worker after worker; skipped prompts put back at their position within their batch."""
+    rank 0 lists, and those any rank says it `written` (rank 0's node may not list another
+    node's newest parts yet), in name order, so each worker's rows in the order it received
+    them, worker after worker; skipped prompts put back at their position within their batch."""
     files = IterationFiles(iter_dir)
+    known = [part for parts in view.gather(list(written)) for part in parts]
     rows: list[dict] = []
-    for name, has_pairs, has_skipped in view.decide(lambda: persisted_parts(iter_dir)):
+    for name, has_pairs, has_skipped in view.decide(lambda: persisted_parts(iter_dir, known)):
         pair_file, skip_file = files.pairs / name, files.skipped / name
         batch = [{**r, "skip_reason": ""} for r in pq.read_table(view.wait_for(pair_file)).to_pylist()] if has_pairs else []
         skipped = pq.read_table(view.wait_for(skip_file)).to_pylist() if has_skipped else []

@@ -118,23 +118,33 @@ def test_pairs_the_tokenizer_failed_on_before_a_checkpoint_are_still_counted_aft
 
 
 class _TwoRanks:
-    """Two learner ranks as threads: `broadcast` hands rank 0's object to both, as
-    torch.distributed.broadcast_object_list does; `listed` is set once rank 0 has listed."""
+    """Two learner ranks as threads: `broadcast` hands rank 0's object to both, `gather`
+    both objects to both, as torch.distributed's broadcast_object_list and
+    all_gather_object do; `after_listing()` runs between rank 0's listing and any reading."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_listing=lambda: None) -> None:
         import threading
 
-        self.barrier, self.listed, self.box = threading.Barrier(2, timeout=30), threading.Event(), None
+        self.barrier, self.after_listing, self.box, self.slots = threading.Barrier(2, timeout=30), after_listing, None, [None, None]
 
     def view(self, rank: int, wait_s: float = 10.0) -> SharedView:
         def broadcast(obj):
             if rank == 0:
                 self.box = obj
-                self.listed.set()
+                self.after_listing()
             self.barrier.wait()
-            return self.box
+            out = self.box
+            self.barrier.wait()  # both have read it before the next call writes
+            return out
 
-        return SharedView(rank, broadcast, wait_s)
+        def gather(obj):
+            self.slots[rank] = obj
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()
+            return out
+
+        return SharedView(rank, broadcast, wait_s, gather)
 
     def run_rank_0(self, fn):
         """Start rank 0's call in a thread; returns a function that joins it and gives its result."""
@@ -142,7 +152,6 @@ class _TwoRanks:
 
         pool = ThreadPoolExecutor(1)
         future = pool.submit(fn, self.view(0))
-        assert self.listed.wait(30)
         return lambda: (future.result(30), pool.shutdown())[0]
 
 
@@ -164,15 +173,34 @@ def test_every_rank_reads_the_parts_rank_0_listed_although_its_node_lists_others
 
     _PairSink(tmp_path, rank=0).write(_sink_rows(["a", "b"]))
     _PairSink(tmp_path, rank=1).write(_sink_rows(["c"]))
-    ranks = _TwoRanks()
-    rank_0_rows = ranks.run_rank_0(lambda view: persisted_rows(tmp_path, view))
-    _PairSink(tmp_path, rank=0).write(_sink_rows(["late"]))  # renamed into place after rank 0 listed
     hidden = next((tmp_path / "pairs").glob("part-*-r001-*"))
-    aside = hidden.rename(tmp_path / "aside")  # not visible on rank 1's node yet ...
-    threading.Timer(0.5, aside.rename, args=(hidden,)).start()  # ... until half a second later
+
+    def after_listing() -> None:
+        _PairSink(tmp_path, rank=0).write(_sink_rows(["late"]))  # renamed into place after rank 0 listed
+        aside = hidden.rename(tmp_path / "aside")  # not visible on rank 1's node yet ...
+        threading.Timer(0.5, aside.rename, args=(hidden,)).start()  # ... until half a second later
+
+    ranks = _TwoRanks(after_listing)
+    rank_0_rows = ranks.run_rank_0(lambda view: persisted_rows(tmp_path, view))
     rows = persisted_rows(tmp_path, ranks.view(1))
     assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in rank_0_rows()] == ["a", "b", "c"]
     assert [r["prompt_id"] for r in persisted_rows(tmp_path)] == ["a", "b", "c", "late"]  # the next listing has it
+
+
+def test_rank_0_takes_the_parts_another_rank_wrote_although_its_own_node_does_not_list_them(tmp_path):
+    """Epoch 2 starts right after rank 1 wrote its last part of epoch 1; rank 0's node does
+    not list it yet. Rank 1 says it wrote it, so both read it (waiting until it shows)."""
+    from spo_ray.learner.loop import _PairSink
+
+    _PairSink(tmp_path, rank=0).write(_sink_rows(["a"]))
+    sink = _PairSink(tmp_path, rank=1)
+    sink.write(_sink_rows(["b"]))
+    newest = next((tmp_path / "pairs").glob("part-*-r001-*"))
+    aside = newest.rename(tmp_path / "aside")  # not listed on rank 0's node ...
+    ranks = _TwoRanks(after_listing=lambda: aside.rename(newest))  # ... shown once rank 0 has listed
+    rank_0_rows = ranks.run_rank_0(lambda view: persisted_rows(tmp_path, view))
+    rows = persisted_rows(tmp_path, ranks.view(1), written=sink.written)
+    assert [r["prompt_id"] for r in rows] == [r["prompt_id"] for r in rank_0_rows()] == ["a", "b"]
 
 
 def test_every_rank_loads_the_checkpoint_rank_0_chose_and_its_position(tmp_path):
@@ -186,11 +214,14 @@ def test_every_rank_loads_the_checkpoint_rank_0_chose_and_its_position(tmp_path)
             return path, {}
 
     save_checkpoint(Engine(), tmp_path, Position(step=2, consumed=["a", "b"]), rank=0, world=1)
-    ranks = _TwoRanks()
-    rank_0 = ranks.run_rank_0(lambda view: restore(Engine(), tmp_path, view))
     later = tmp_path / "checkpoints" / "step_000004"
-    later.mkdir()
-    (later / "position.json").write_text(json.dumps(asdict(Position(step=4, consumed=["a", "b", "c", "d"]))))
+
+    def after_listing() -> None:  # the previous attempt's last rename, seen late
+        later.mkdir()
+        (later / "position.json").write_text(json.dumps(asdict(Position(step=4, consumed=["a", "b", "c", "d"]))))
+
+    ranks = _TwoRanks(after_listing)
+    rank_0 = ranks.run_rank_0(lambda view: restore(Engine(), tmp_path, view))
     position, checkpoint = restore(Engine(), tmp_path, ranks.view(1))
     assert (position, checkpoint) == rank_0() == (Position(step=2, consumed=["a", "b"]), tmp_path / "checkpoints" / "step_000002")
     assert loaded == ["step_000002", "step_000002"]
