@@ -77,16 +77,46 @@ def earlier_attempt(iter_dir: Path, prompts: list[dict]) -> float:
     return now - 60
 
 
-def _remove_worker_node_after_checkpoint(cluster, node, iter_dir: Path, done: threading.Event, log: dict) -> None:
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid` (the raylet's workers, their children)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        below = children.get(todo.pop(), [])
+        found += below
+        todo += below
+    return found
+
+
+def _lose_worker_node_after_checkpoint(cluster, node, iter_dir: Path, done: threading.Event, log: dict) -> None:
+    """A spot node preempted once a step checkpoint exists: its raylet and every worker on it
+    (a learner worker among them) are SIGKILLed at once; a replacement node joins."""
+    import signal
+
+    from ray._private import ray_constants
+
     from spo_ray.learner.resume import latest_checkpoint
 
     while not done.is_set() and latest_checkpoint(iter_dir) is None:
-        time.sleep(0.2)
+        time.sleep(0.05)
     if done.is_set():
         return
     log["removed_at_step"] = json.loads((latest_checkpoint(iter_dir) / "position.json").read_text())["step"]
-    cluster.remove_node(node, allow_graceful=False)  # every process of the node dies at once
-    cluster.add_node(num_cpus=1, resources={"learner_slot": 1})  # the replacement node
+    raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    for pid in _descendants(raylet):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
+    log["removed_at_s"] = round(time.time() - log["started"], 1)
+    cluster.add_node(num_cpus=1, resources={"learner_slot": 1})  # the replacement, as an autoscaler brings one
 
 
 def main(scenario: str, run_dir: str, policy: str) -> dict:
@@ -106,19 +136,22 @@ def main(scenario: str, run_dir: str, policy: str) -> dict:
     if scenario == "stale_listing":
         env |= {STALE_CUTOFF_ENV: str(earlier_attempt(iter_dir, prompts)), STALE_ROOT_ENV: str(iter_dir)}
         runtime_env["worker_process_setup_hook"] = "tests.two_node_cluster.stale_listing_on_rank_1"
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_slot": 1}})
+    # shutdown_at_exit=False: no SIGTERM hook, which only the main thread may set, so the node
+    # can be replaced from the watching thread; cluster.shutdown() below stops every node.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_slot": 1}}, shutdown_at_exit=False)
     worker = cluster.add_node(num_cpus=1, resources={"learner_slot": 1})
     result: dict = {"scenario": scenario}
     done = threading.Event()
     try:
         ray.init(address=cluster.address, runtime_env=runtime_env, log_to_driver=True)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        _, cfg = compose(RUN)
+        # node_lost: one prompt per rollout batch, so the stream still runs at the first checkpoint
+        _, cfg = compose(RUN + (["rollout.batch_size=1"] if scenario == "node_lost" else []))
+        start = result["started"] = time.time()
         if scenario == "node_lost":
             threading.Thread(
-                target=_remove_worker_node_after_checkpoint, args=(cluster, worker, iter_dir, done, result), daemon=True
+                target=_lose_worker_node_after_checkpoint, args=(cluster, worker, iter_dir, done, result), daemon=True
             ).start()
-        start = time.time()
         try:
             result["summary"] = stream_and_train(cfg, run, prompts, policy, 1)
         except Exception as err:  # noqa: BLE001 - reported to the test, which asserts on it
