@@ -1,4 +1,4 @@
-"""The learner on two nodes (tests/two_node_cluster.py: a Ray Cluster made on this machine,
+"""The learner on two nodes (tests/learner/two_node_cluster.py: a Ray Cluster made on this machine,
 one learner worker per node), in a process of its own: it cannot share the session's Ray.
 
 - Ranks that list the shared run dir differently (one node's directory cache is stale)
@@ -24,7 +24,7 @@ from spo_ray.run_dir import RunDir
 from tests.conftest import REPO
 from tests.fault_report import record_fault
 from tests.test_driver_kill import _stop
-from tests.two_node_cluster import (
+from tests.learner.two_node_cluster import (
     N_PROMPTS, NEW_PART, OLD_PART, STALE_CUTOFF_ENV, STALE_ROOT_ENV, earlier_attempt, stale_listing_on_rank_1
 )
 
@@ -36,7 +36,7 @@ def _two_node_run(scenario: str, run_dir: Path, policy: str) -> dict:
     log = run_dir.parent / f"{scenario}.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.two_node_cluster", scenario, str(run_dir), policy],
+            [sys.executable, "-m", "tests.learner.two_node_cluster", scenario, str(run_dir), policy],
             cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     try:

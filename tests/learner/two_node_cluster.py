@@ -2,10 +2,10 @@
 as Ray's own tests do): a head node (driver, stream, learner rank 0 or 1) and a worker node,
 each with one `learner_slot`, so each of the two learner workers lands on its own node.
 
-Run as its own process by tests/test_multinode.py — a Cluster cannot share the test
+Run as its own process by tests/learner/test_multinode.py — a Cluster cannot share the test
 session's Ray — and prints one JSON line (prefixed RESULT) with what the run left:
 
-    python -m tests.two_node_cluster SCENARIO RUN_DIR POLICY
+    python -m tests.learner.two_node_cluster SCENARIO RUN_DIR POLICY
 
 Scenarios:
   stale_listing  the run dir holds two persisted parts of an earlier attempt; rank 1's node
@@ -135,7 +135,7 @@ def main(scenario: str, run_dir: str, policy: str) -> dict:
     runtime_env: dict = {"env_vars": env}
     if scenario == "stale_listing":
         env |= {STALE_CUTOFF_ENV: str(earlier_attempt(iter_dir, prompts)), STALE_ROOT_ENV: str(iter_dir)}
-        runtime_env["worker_process_setup_hook"] = "tests.two_node_cluster.stale_listing_on_rank_1"
+        runtime_env["worker_process_setup_hook"] = "tests.learner.two_node_cluster.stale_listing_on_rank_1"
     # shutdown_at_exit=False: no SIGTERM hook, which only the main thread may set, so the node
     # can be replaced from the watching thread; cluster.shutdown() below stops every node.
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_slot": 1}}, shutdown_at_exit=False)
