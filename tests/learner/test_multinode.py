@@ -90,7 +90,8 @@ def test_a_node_lost_mid_iteration_is_replaced_and_the_iteration_finishes_exactl
     ids = [r["prompt_id"] for r in persisted_rows(run.iter_dir(1))]
     lost, repeated = N_PROMPTS - len(set(ids)), len(ids) - len(set(ids))
     record_fault(
-        "worker node lost (learner rank on it), replaced", "training", recovered="error" not in result,
+        "worker node lost (raylet and its workers SIGKILLed, a learner worker among them; a replacement node joins)",
+        f"training (after step {result.get('removed_at_step')}, stream still generating)", recovered="error" not in result,
         prompts_lost=lost, prompts_repeated=repeated, extra_s=None, faulted_s=result["seconds"],
         outcome=result.get("error", ""),
     )
