@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 from omegaconf import MISSING
 
 from spo_ray.dtypes import TORCH_DTYPES
-from spo_ray.sections import Section
+from spo_ray.placement import ClusterConfig, LearnerPlacement, PoolConfig  # noqa: F401 - part of the schema
+from spo_ray.sections import Section, one_of, positive
 from spo_ray.sppo import LOSS_TYPES
 
 DTYPES = tuple(TORCH_DTYPES)
@@ -24,16 +25,6 @@ JUDGES = ("keyword", "length", "pairrm", "reference", "lm")
 PROMPT_FORMATS = ("chat", "raw")
 DATA_FORMATS = ("jsonl", "json", "parquet", "hf_disk", "builtin", "alpaca_eval", "mt_bench")
 OPTIMIZERS = ("rmsprop", "adamw")
-
-
-def _one_of(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 @dataclass
@@ -66,7 +57,7 @@ class ModelConfig(Section):
                 "model.random_init (a tiny random model built offline) and model.gguf_file "
                 "(a GGUF file, converted once to an HF folder)"
             )
-        _one_of("model.dtype", self.dtype, DTYPES)
+        one_of("model.dtype", self.dtype, DTYPES)
 
 
 @dataclass
@@ -92,9 +83,9 @@ class RolloutConfig(Section):
     weight_sync_bucket_mb: int = MISSING
 
     def __post_init__(self) -> None:
-        _one_of("rollout.engine", self.engine, ENGINES)
-        _one_of("rollout.weight_sync", self.weight_sync, WEIGHT_SYNC)
-        _positive("rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
+        one_of("rollout.engine", self.engine, ENGINES)
+        one_of("rollout.weight_sync", self.weight_sync, WEIGHT_SYNC)
+        positive("rollout.weight_sync_bucket_mb", self.weight_sync_bucket_mb)
         if self.num_samples < 2:
             raise ValueError(f"rollout.num_samples must be ≥ 2 to form a pair, got {self.num_samples}")
         if self.temperature <= 0:
@@ -104,10 +95,10 @@ class RolloutConfig(Section):
             )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
-        _positive("rollout.max_new_tokens", self.max_new_tokens)
-        _positive("rollout.batch_size", self.batch_size)
+        positive("rollout.max_new_tokens", self.max_new_tokens)
+        positive("rollout.batch_size", self.batch_size)
         if self.dtype is not None:
-            _one_of("rollout.dtype", self.dtype, DTYPES)
+            one_of("rollout.dtype", self.dtype, DTYPES)
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"rollout.kv_cache_gb must be > 0 (or null on GPUs), got {self.kv_cache_gb}")
         if self.cpu_bind not in ("all", "auto", "nobind") and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", self.cpu_bind):
@@ -153,9 +144,9 @@ class JudgeConfig(Section):
     lm: Optional[LMJudgeConfig] = None
 
     def __post_init__(self) -> None:
-        _one_of("judge.name", self.name, JUDGES)
-        _one_of("judge.prompt_format", self.prompt_format, PROMPT_FORMATS)
-        _positive("judge.batch_size", self.batch_size)
+        one_of("judge.name", self.name, JUDGES)
+        one_of("judge.prompt_format", self.prompt_format, PROMPT_FORMATS)
+        positive("judge.batch_size", self.batch_size)
         if self.name in ("keyword", "pairrm", "reference", "lm") and getattr(self, self.name) is None:
             raise ValueError(f"judge.name={self.name} needs the section judge.{self.name}")
 
@@ -182,19 +173,19 @@ class LearnerConfig(Section):
     max_failures: int = MISSING  # worker-group restarts Ray Train may make per iteration
 
     def __post_init__(self) -> None:
-        _one_of("learner.loss", self.loss, LOSS_TYPES)
+        one_of("learner.loss", self.loss, LOSS_TYPES)
         if self.checkpoint_every < 0 or self.max_failures < 0:
             raise ValueError(
                 f"learner.checkpoint_every ({self.checkpoint_every}) and learner.max_failures "
                 f"({self.max_failures}) must be ≥ 0 (0: no step checkpoints / no restarts)"
             )
-        _one_of("learner.optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
-        _one_of("learner.reference_dtype", self.reference_dtype, ("auto", "float32", "bfloat16"))
-        _positive("learner.beta", self.beta)
-        _positive("learner.lr", self.lr)
-        _positive("learner.epochs", self.epochs)
-        _positive("learner.micro_batch_size", self.micro_batch_size)
+        one_of("learner.optimizer", self.optimizer, OPTIMIZERS)
+        one_of("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        one_of("learner.reference_dtype", self.reference_dtype, ("auto", "float32", "bfloat16"))
+        positive("learner.beta", self.beta)
+        positive("learner.lr", self.lr)
+        positive("learner.epochs", self.epochs)
+        positive("learner.micro_batch_size", self.micro_batch_size)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"learner.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.global_batch_size % self.micro_batch_size:
@@ -220,10 +211,10 @@ class DataConfig(Section):
     split_seed: int = MISSING
 
     def __post_init__(self) -> None:
-        _one_of("data.format", self.format, DATA_FORMATS)
-        _positive("data.num_eval", self.num_eval)
+        one_of("data.format", self.format, DATA_FORMATS)
+        positive("data.num_eval", self.num_eval)
         if self.prompts_per_iteration is not None:
-            _positive("data.prompts_per_iteration", self.prompts_per_iteration)
+            positive("data.prompts_per_iteration", self.prompts_per_iteration)
 
 
 @dataclass
@@ -241,135 +232,9 @@ class EvalConfig(Section):
     judge: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _positive("evaluate.max_new_tokens", self.max_new_tokens)
-        _positive("evaluate.batch_size", self.batch_size)
-        _one_of("evaluate.mt_bench_turns", self.mt_bench_turns, (1, 2))
-
-
-@dataclass
-class PoolConfig(Section):
-    """One actor pool of the stream: its size and what each actor reserves."""
-
-    num_actors: int = MISSING
-    num_cpus: float = MISSING
-    num_gpus: float = MISSING
-
-    def check(self, name: str) -> None:
-        _positive(f"cluster.{name}.num_actors", self.num_actors)
-        if self.num_cpus < 0 or self.num_gpus < 0:
-            raise ValueError(f"cluster.{name}: num_cpus and num_gpus must be ≥ 0")
-
-
-@dataclass
-class LearnerPlacement(Section):
-    num_workers: int = MISSING
-    cpus_per_worker: float = MISSING
-    gpus_per_worker: float = MISSING
-    # Custom Ray resources each worker also reserves, e.g. {learner_slot: 1} with one
-    # `learner_slot` per node puts one worker on each node.
-    resources: dict[str, float] = MISSING
-
-
-@dataclass
-class ClusterConfig(Section):
-    address: Optional[str] = None
-    num_cpus: Optional[int] = None
-    # Root of run dirs and sweeps (conf/config.yaml: run.dir, hydra.sweep.dir); on a cluster a
-    # file system every node mounts. "." (this machine): the directory you launch from.
-    storage: str = "."
-    nodes: int = MISSING
-    gpus_per_node: int = MISSING
-    colocate: bool = MISSING
-    rollout: PoolConfig = MISSING
-    judge: PoolConfig = MISSING
-    learner: LearnerPlacement = MISSING
-    evaluate: PoolConfig = MISSING
-
-    def __post_init__(self) -> None:
-        for name in ("rollout", "judge", "evaluate"):
-            getattr(self, name).check(name)
-        _positive("cluster.learner.num_workers", self.learner.num_workers)
-        if "://" in self.storage:
-            raise ValueError(
-                f"cluster.storage={self.storage!r}: run dirs are written with plain file I/O; mount the "
-                "bucket on every node (mountpoint-s3, gcsfuse) or use NFS, and give the mount path"
-            )
-        if self.nodes > 1 and not self.storage.startswith("/"):
-            raise ValueError(
-                f"cluster.storage={self.storage!r} with cluster.nodes={self.nodes}: every node writes to "
-                "the run dir, so it must be an absolute path on storage all nodes mount (e.g. /mnt/shared/spo_ray)"
-            )
-        self.check_placement()
-
-    def gpu_layout(self) -> dict[str, float]:
-        """GPUs each stage reserves while an iteration streams: rollout, judge and learner
-        run at the same time (the evaluation task runs after the learner has finished).
-        The rollout engines hold theirs for the whole run (spo_ray/rollout/engines.py)."""
-        return {
-            "rollout": self.rollout.num_actors * self.rollout.num_gpus,
-            "judge": self.judge.num_actors * self.judge.num_gpus,
-            "learner": self.learner.num_workers * self.learner.gpus_per_worker,
-        }
-
-    def check_placement(self) -> None:
-        """Fail before Ray starts where Ray could never schedule the stages (it would wait forever)."""
-        total = self.nodes * self.gpus_per_node
-        layout = self.gpu_layout()
-        # Colocated: the judge runs first and releases its GPUs, then the learner trains while
-        # the engines sleep; engines and learner share GPUs through fractional reservations.
-        reserved = (
-            layout["rollout"] + max(layout["judge"], layout["learner"]) if self.colocate else sum(layout.values())
-        )
-        if reserved > total + 1e-9:
-            detail = ", ".join(f"{k} {v:g}" for k, v in layout.items())
-            raise ValueError(
-                f"cluster: the stages reserve {reserved:g} GPUs at once ({detail}) but "
-                f"cluster.nodes × cluster.gpus_per_node = {total}; lower num_actors, num_gpus or "
-                "learner.num_workers"
-            )
-        per_actor = {
-            "rollout.num_gpus": self.rollout.num_gpus,
-            "judge.num_gpus": self.judge.num_gpus,
-            "learner.gpus_per_worker": self.learner.gpus_per_worker,
-            "evaluate.num_gpus": self.evaluate.num_gpus,
-        }
-        for name, gpus in per_actor.items():
-            if gpus > 1 and gpus != int(gpus):
-                raise ValueError(f"cluster.{name}={gpus:g}: Ray takes a fraction below 1 or a whole number of GPUs")
-            if gpus > self.gpus_per_node:
-                raise ValueError(
-                    f"cluster.{name}={gpus:g}: one actor cannot span machines with "
-                    f"cluster.gpus_per_node={self.gpus_per_node} GPUs"
-                )
-        if layout["rollout"] + self.evaluate.num_actors * self.evaluate.num_gpus > total + 1e-9:
-            raise ValueError(
-                f"cluster.evaluate: {self.evaluate.num_actors}×{self.evaluate.num_gpus:g} GPUs next to the rollout "
-                f"engines' {layout['rollout']:g} (held for the whole run) is more than the cluster has ({total})"
-            )
-
-    def placement(self) -> str:
-        """What each actor of the run reserves, as one line (printed at the start of a run)."""
-        pools = [
-            ("rollout engines", self.rollout.num_actors, self.rollout.num_cpus, self.rollout.num_gpus),
-            ("judge actors", self.judge.num_actors, self.judge.num_cpus, self.judge.num_gpus),
-            ("learner workers", self.learner.num_workers, self.learner.cpus_per_worker, self.learner.gpus_per_worker),
-            ("evaluation", self.evaluate.num_actors, self.evaluate.num_cpus, self.evaluate.num_gpus),
-        ]
-        where = "colocated: engines sleep while the learner trains" if self.colocate else "disjoint"
-        return "; ".join(f"{n} {name} × ({cpus:g} CPU, {gpus:g} GPU)" for name, n, cpus, gpus in pools) + f" ({where})"
-
-    def describe(self) -> str:
-        """The placement as one line, e.g. for a log or a runbook."""
-        pools = [
-            f"rollout {self.rollout.num_actors}×{self.rollout.num_gpus:g}",
-            f"judge {self.judge.num_actors}×{self.judge.num_gpus:g}",
-            f"learner {self.learner.num_workers}×{self.learner.gpus_per_worker:g}",
-        ]
-        return (
-            f"{self.nodes}×{self.gpus_per_node} GPUs; streaming: {', '.join(pools)} = "
-            f"{sum(self.gpu_layout().values()):g} GPUs; then evaluate "
-            f"{self.evaluate.num_actors}×{self.evaluate.num_gpus:g}; storage {self.storage}"
-        )
+        positive("evaluate.max_new_tokens", self.max_new_tokens)
+        positive("evaluate.batch_size", self.batch_size)
+        one_of("evaluate.mt_bench_turns", self.mt_bench_turns, (1, 2))
 
 
 @dataclass
@@ -385,7 +250,7 @@ class TimeoutConfig(Section):
 
     def __post_init__(self) -> None:
         for name in ("stream_no_progress_s", "eval_s", "actor_start_s", "trainer_start_s", "weight_reload_s", "shared_fs_s"):
-            _positive(f"run.timeouts.{name}", getattr(self, name))
+            positive(f"run.timeouts.{name}", getattr(self, name))
 
 
 @dataclass
@@ -398,7 +263,7 @@ class RunConfig(Section):
     timeouts: TimeoutConfig = MISSING
 
     def __post_init__(self) -> None:
-        _positive("run.iterations", self.iterations)
+        positive("run.iterations", self.iterations)
 
 
 @dataclass
@@ -426,17 +291,17 @@ class ServeConfig(Section):
             raise ValueError("serve.name must not be empty (it is the Serve application name and the model id)")
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"serve.route_prefix must start with '/', got {self.route_prefix!r}")
-        _positive("serve.max_tokens_limit", self.max_tokens_limit)
+        positive("serve.max_tokens_limit", self.max_tokens_limit)
         if not 0 < self.default_max_tokens <= self.max_tokens_limit:
             raise ValueError(
                 f"serve.default_max_tokens={self.default_max_tokens} must be in "
                 f"1..serve.max_tokens_limit ({self.max_tokens_limit})"
             )
-        _positive("serve.max_n", self.max_n)
-        _positive("serve.reconfigure_timeout_s", self.reconfigure_timeout_s)
+        positive("serve.max_n", self.max_n)
+        positive("serve.reconfigure_timeout_s", self.reconfigure_timeout_s)
         if self.num_cpus < 0 or self.num_gpus < 0:
             raise ValueError("serve.num_cpus and serve.num_gpus must be ≥ 0")
-        _one_of("serve.dtype", self.dtype, DTYPES)
+        one_of("serve.dtype", self.dtype, DTYPES)
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("serve.api_key is empty: set a token, or null for no authentication")
 

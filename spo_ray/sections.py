@@ -1,4 +1,5 @@
-"""Read-only configuration sections: the base of every dataclass in spo_ray/config.py."""
+"""Read-only configuration sections: the base of every dataclass in spo_ray/config.py and
+spo_ray/placement.py, and the checks their `__post_init__` share."""
 
 from __future__ import annotations
 
@@ -32,3 +33,13 @@ def freeze(section: Section) -> Section:
             freeze(value)
     object.__setattr__(section, "_frozen", True)
     return section
+
+
+def one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")

@@ -22,7 +22,8 @@ from dataclasses import replace
 
 import ray
 
-from spo_ray.config import Config, PoolConfig
+from spo_ray.config import Config
+from spo_ray.placement import PoolConfig
 
 # Ray Train V2 reads this in its controller (it forwards the driver's value); its default is 60 s.
 TRAINER_START_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
