@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
 from spo_ray.dtypes import TORCH_DTYPES
+from spo_ray.judge.cyclic import CyclicGame
 from spo_ray.sppo import LOSS_TYPES
 
 DTYPES = tuple(TORCH_DTYPES)
 ENGINES = ("hf", "vllm")
 WEIGHT_SYNC = ("storage", "nccl")
-JUDGES = ("keyword", "length", "pairrm", "reference", "lm")
+JUDGES = ("keyword", "length", "pairrm", "reference", "lm", "cyclic")
 PROMPT_FORMATS = ("chat", "raw")
 DATA_FORMATS = ("jsonl", "json", "parquet", "hf_disk", "builtin", "alpaca_eval", "mt_bench")
 OPTIMIZERS = ("rmsprop", "adamw")
@@ -141,6 +142,11 @@ class LMJudgeConfig:
 
 
 @dataclass
+class CyclicJudgeConfig:
+    win_probs: List[float] = MISSING  # P(lower ≻ upper), P(upper ≻ other), P(other ≻ lower)
+
+
+@dataclass
 class JudgeConfig:
     name: str = MISSING
     prompt_format: str = MISSING
@@ -149,13 +155,16 @@ class JudgeConfig:
     pairrm: Optional[PairRMConfig] = None
     reference: Optional[ReferenceJudgeConfig] = None
     lm: Optional[LMJudgeConfig] = None
+    cyclic: Optional[CyclicJudgeConfig] = None
 
     def __post_init__(self) -> None:
         _one_of("judge.name", self.name, JUDGES)
         _one_of("judge.prompt_format", self.prompt_format, PROMPT_FORMATS)
         _positive("judge.batch_size", self.batch_size)
-        if self.name in ("keyword", "pairrm", "reference", "lm") and getattr(self, self.name) is None:
+        if self.name in ("keyword", "pairrm", "reference", "lm", "cyclic") and getattr(self, self.name) is None:
             raise ValueError(f"judge.name={self.name} needs the section judge.{self.name}")
+        if self.cyclic is not None:
+            CyclicGame(tuple(self.cyclic.win_probs))  # raises unless three probabilities in (½, 1)
 
 
 @dataclass
