@@ -41,7 +41,7 @@ class SampledSettings:
 
     loss: str = "sppo"
     beta: float = 0.1
-    prompts: int = 48
+    prompts: int = 56
     num_samples: int = 4
     lr: float = 0.05
     epochs: int = 2

@@ -59,7 +59,7 @@ def test_sppo_loss_trains_log_ratios_to_their_targets():
     takes log(3 − e^{0.3} − e^{−0.3}) = −0.0951)."""
     ref = torch.zeros(3)
     pair = ClassPair(chosen=0, rejected=1, win=0.8, lose=0.2)
-    settings = SampledSettings(loss="sppo", beta=1.0, lr=0.05, epochs=600, batch=1)
+    settings = SampledSettings(loss="sppo", beta=1.0, lr=0.1, epochs=250, batch=1)
     theta = train_on_pairs(ref, [pair], settings, torch.Generator().manual_seed(0))
     ratios = torch.log_softmax(theta, -1) - torch.log_softmax(ref, -1)
     assert ratios.tolist() == pytest.approx([0.3, -0.3, math.log(3 - math.exp(0.3) - math.exp(-0.3))], abs=2e-3)
@@ -68,7 +68,32 @@ def test_sppo_loss_trains_log_ratios_to_their_targets():
 def test_ipo_trains_the_margin_to_one_over_two_beta():
     ref = torch.zeros(3)
     pair = ClassPair(chosen=2, rejected=0, win=0.8, lose=0.2)
-    settings = SampledSettings(loss="ipo", beta=2.0, lr=0.05, epochs=600, batch=1)
+    settings = SampledSettings(loss="ipo", beta=2.0, lr=0.1, epochs=250, batch=1)
     theta = train_on_pairs(ref, [pair], settings, torch.Generator().manual_seed(0))
     ratios = torch.log_softmax(theta, -1) - torch.log_softmax(ref, -1)
     assert (ratios[2] - ratios[0]).item() == pytest.approx(0.25, abs=2e-3)
+
+
+def test_benchmark_writes_the_documented_json(tmp_path, monkeypatch):
+    """`benchmarks/nash.py tabular --out` writes exactly {"nash", "methods": {sppo, dpo, ipo}}
+    with T + 1 distributions and exploitabilities per method, and the plot beside it."""
+    import json
+    import sys
+
+    from benchmarks import nash
+
+    out = tmp_path / "nash.json"
+    monkeypatch.setattr(sys, "argv", ["nash.py", "tabular", "--iterations", "3", "--out", str(out)])
+    nash.main()
+    result = json.loads(out.read_text())
+    assert set(result) == {"nash", "methods"} and set(result["methods"]) == {"sppo", "dpo", "ipo"}
+    assert result["nash"] == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    for record in result["methods"].values():
+        assert set(record) == {"distribution", "exploitability_last", "exploitability_avg"}
+        assert len(record["distribution"]) == len(record["exploitability_last"]) == len(record["exploitability_avg"]) == 4
+        assert record["exploitability_avg"][0] == record["exploitability_last"][0] == pytest.approx(
+            CyclicGame(WIN_PROBS).exploitability(nash.TINY_START)
+        )
+    sppo = result["methods"]["sppo"]["distribution"]
+    assert sppo[1] == pytest.approx(mw_update(CyclicGame(WIN_PROBS), sppo[0], eta=3.0))
+    assert (tmp_path / "nash.png").stat().st_size > 10_000
