@@ -83,14 +83,17 @@ def run_pipeline(method: str, run_dir: Path, iterations: int, lock: str | None, 
 def sample_policies(run_dir: Path, iterations: int, samples: int, seed: int) -> list[list[float]]:
     """Class shares of π_0..π_T of a run: `samples` responses per training prompt, with
     the run's own rollout settings (temperature, top_p, max_new_tokens)."""
-    import pyarrow.parquet as pq
     import yaml
 
     from spo_ray.rollout.base import SamplingConfig
     from spo_ray.rollout.hf import HFEngine
 
-    rollout = yaml.safe_load((run_dir / "config.yaml").read_text())["rollout"]
-    prompts = sorted(set(pq.read_table(run_dir / "iter_1" / "pairs", columns=["prompt"]).column("prompt").to_pylist()))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    rollout = config["rollout"]
+    train_ids = set(json.loads((run_dir / "split.json").read_text())["train"])
+    asset = REPO / "spo_ray" / "assets" / f"{config['data']['source']}.jsonl"  # the preset's built-in prompts
+    rows = [json.loads(line) for line in asset.read_text().splitlines() if line.strip()]
+    prompts = [r["prompt"] for r in rows if r["prompt_id"] in train_ids]
     sampling = SamplingConfig(num_samples=samples, temperature=rollout["temperature"], top_p=rollout["top_p"],
                               max_new_tokens=rollout["max_new_tokens"], seed=seed)
     engine = HFEngine(str(run_dir / "iter_0" / "policy"), device="cpu")
