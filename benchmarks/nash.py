@@ -164,7 +164,8 @@ def main() -> None:
     parser.add_argument("--sppo", choices=("exact", "sampled"), default="exact",
                         help="tabular sppo: the exact update, or sampled pairs like dpo/ipo (η = 1/β)")
     parser.add_argument("--beta", type=float, default=0.1, help="tabular sampled pairs: β (the tiny preset's)")
-    parser.add_argument("--lr", type=float, default=0.05, help="tabular sampled pairs: Adam's step on the class logits")
+    parser.add_argument("--lr", type=float, default=0.015,
+                        help="tabular sampled pairs: Adam's step on the class logits (0.015: about the pipeline's SPPO π_1..π_3)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="pipeline: losses to run")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "nash", help="pipeline: one run dir per method")
     parser.add_argument("--lock", help="pipeline: run each training run under `flock LOCK` (shared machines)")
