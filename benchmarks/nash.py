@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="pipeline: losses to run")
     parser.add_argument("--runs-dir", type=Path, default=REPO / "runs" / "nash", help="pipeline: one run dir per method")
     parser.add_argument("--lock", help="pipeline: run each training run under `flock LOCK` (shared machines)")
-    parser.add_argument("--samples", type=int, default=16, help="pipeline: samples per training prompt to count classes")
+    parser.add_argument("--samples", type=int, default=64, help="pipeline: samples per training prompt to count classes")
     parser.add_argument("--analyze-only", action="store_true", help="pipeline: only sample the runs already in --runs-dir")
     parser.add_argument("--override", nargs="*", default=[], help="pipeline: extra Hydra overrides for every run")
     args = parser.parse_args()
