@@ -58,20 +58,27 @@ class ClassPair:
     lose: float
 
 
-def sample_pairs(judge: CyclicJudge, dist: Sequence[float], settings: SampledSettings, gen: torch.Generator) -> list[ClassPair]:
+def sample_pairs(
+    judge: CyclicJudge, dist: Sequence[float], settings: SampledSettings, gen: torch.Generator
+) -> list[ClassPair]:
     """K classes per prompt from `dist`, judged and reduced to a pair as in the pipeline;
     prompts whose samples all tie (one class only) are skipped, as `select_pair` says."""
-    draws = torch.multinomial(torch.tensor(dist, dtype=torch.float64), settings.prompts * settings.num_samples, replacement=True, generator=gen)
+    probs = torch.tensor(dist, dtype=torch.float64)
+    draws = torch.multinomial(probs, settings.prompts * settings.num_samples, replacement=True, generator=gen)
     pairs = []
     for row in draws.view(settings.prompts, settings.num_samples).tolist():
         logits = judge.pairwise_logits("", [CLASS_EXAMPLES[c] for c in row])
         choice = select_pair(scores_from_logits(logits))
         if choice is not None:
-            pairs.append(ClassPair(row[choice.chosen], row[choice.rejected], choice.chosen_probs_win, choice.chosen_probs_lose))
+            pairs.append(
+                ClassPair(row[choice.chosen], row[choice.rejected], choice.chosen_probs_win, choice.chosen_probs_lose)
+            )
     return pairs
 
 
-def train_on_pairs(ref_logits: torch.Tensor, pairs: list[ClassPair], settings: SampledSettings, gen: torch.Generator) -> torch.Tensor:
+def train_on_pairs(
+    ref_logits: torch.Tensor, pairs: list[ClassPair], settings: SampledSettings, gen: torch.Generator
+) -> torch.Tensor:
     """Class logits after `epochs` passes of Adam over `pairs` on `preference_loss`,
     the reference fixed at `ref_logits` (π_t), the mean loss per mini-batch."""
     theta = ref_logits.clone().requires_grad_(True)
@@ -96,7 +103,9 @@ def train_on_pairs(ref_logits: torch.Tensor, pairs: list[ClassPair], settings: S
     return theta.detach()
 
 
-def play_sampled(judge: CyclicJudge, start: Sequence[float], iterations: int, settings: SampledSettings, seed: int = 0) -> list[list[float]]:
+def play_sampled(
+    judge: CyclicJudge, start: Sequence[float], iterations: int, settings: SampledSettings, seed: int = 0
+) -> list[list[float]]:
     """π_0 = `start`, then `iterations` sampled updates: [π_0, π_1, ..., π_T]."""
     gen = torch.Generator().manual_seed(seed)
     logits = torch.log(torch.tensor(start, dtype=torch.float32))
