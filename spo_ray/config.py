@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -21,7 +21,7 @@ from spo_ray.sppo import LOSS_TYPES
 DTYPES = tuple(TORCH_DTYPES)
 ENGINES = ("hf", "vllm")
 WEIGHT_SYNC = ("storage", "nccl")
-JUDGES = ("keyword", "length", "pairrm", "reference", "lm")
+JUDGES = ("keyword", "length", "pairrm", "reference", "lm", "cyclic")
 PROMPT_FORMATS = ("chat", "raw")
 DATA_FORMATS = ("jsonl", "json", "parquet", "hf_disk", "builtin", "alpaca_eval", "mt_bench")
 OPTIMIZERS = ("rmsprop", "adamw")
@@ -134,6 +134,15 @@ class LMJudgeConfig(Section):
 
 
 @dataclass
+class CyclicJudgeConfig(Section):
+    win_probs: List[float] = MISSING  # P(lower ≻ upper), P(upper ≻ other), P(other ≻ lower)
+
+    def __post_init__(self) -> None:  # the game itself: spo_ray/judge/cyclic.py
+        if len(self.win_probs) != 3 or not all(0.5 < p < 1.0 for p in self.win_probs):
+            raise ValueError(f"judge.cyclic.win_probs must be three probabilities in (0.5, 1), got {list(self.win_probs)}")
+
+
+@dataclass
 class JudgeConfig(Section):
     name: str = MISSING
     prompt_format: str = MISSING
@@ -142,12 +151,13 @@ class JudgeConfig(Section):
     pairrm: Optional[PairRMConfig] = None
     reference: Optional[ReferenceJudgeConfig] = None
     lm: Optional[LMJudgeConfig] = None
+    cyclic: Optional[CyclicJudgeConfig] = None
 
     def __post_init__(self) -> None:
         one_of("judge.name", self.name, JUDGES)
         one_of("judge.prompt_format", self.prompt_format, PROMPT_FORMATS)
         positive("judge.batch_size", self.batch_size)
-        if self.name in ("keyword", "pairrm", "reference", "lm") and getattr(self, self.name) is None:
+        if self.name in ("keyword", "pairrm", "reference", "lm", "cyclic") and getattr(self, self.name) is None:
             raise ValueError(f"judge.name={self.name} needs the section judge.{self.name}")
 
 

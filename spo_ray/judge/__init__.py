@@ -38,7 +38,11 @@ def build_judge(cfg: "JudgeConfig", device: str = "cpu") -> Judge:
 
         r = cfg.reference
         return ReferenceJudge.from_pretrained(r.name_or_path, temperature=r.temperature, device=device)
-    raise ValueError(f"judge.name={cfg.name!r} is not one of keyword, length, pairrm, reference, lm")
+    if cfg.name == "cyclic":
+        from spo_ray.judge.cyclic import CyclicJudge
+
+        return CyclicJudge(cfg.cyclic.win_probs)
+    raise ValueError(f"judge.name={cfg.name!r} is not one of keyword, length, pairrm, reference, lm, cyclic")
 
 
 def attach_references(judge: Judge, prompts: Sequence[str], references: Sequence[str | None]) -> None:
