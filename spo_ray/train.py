@@ -113,7 +113,9 @@ def _join_or_start(cfg: Config) -> None:
             if address:
                 raise ConnectionError(f"cluster.address={address!r}: no Ray cluster answers there") from None
     if not ray.is_initialized():
-        ray.init(num_cpus=cfg.cluster.num_cpus, log_to_driver=True, runtime_env=runtime_env)
+        # address="local": Ray's default (None) would still follow RAY_ADDRESS or the address
+        # of the last cluster started on this machine (/tmp/ray/ray_current_cluster), stale or not.
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, log_to_driver=True, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = cfg.run.timeouts.stream_no_progress_s
     ctx.enable_progress_bars = True

@@ -39,6 +39,8 @@ WAIT_S = 600  # per phase; a 2-CPU machine under load is slow to start Ray and t
 
 def _launch(run_dir: Path, log: Path, **env) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPO_RAY_FAULT")} | env
+    # cluster.address=local starts its own Ray whatever RAY_ADDRESS (or a stale cluster file) says.
+    env.setdefault("RAY_ADDRESS", "127.0.0.1:9")
     with log.open("w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "spo_ray.train", f"run.dir={run_dir}", *CMD],
