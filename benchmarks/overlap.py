@@ -136,7 +136,7 @@ def main() -> None:
     model, tok = build_random_policy(cfg.model.random_init, seed=0)
     policy = str(save_policy(model, tok, Path(tempfile.mkdtemp()) / "pi0"))
 
-    ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     sequential = run_once(cfg, policy, prompts, "sequential", args)
     streamed = run_once(cfg, policy, prompts, "streamed", args)

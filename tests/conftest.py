@@ -37,6 +37,7 @@ def ray_session(fault_dir):
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # never a cluster named by RAY_ADDRESS or left behind by another run
             num_cpus=2,
             include_dashboard=False,
             log_to_driver=True,

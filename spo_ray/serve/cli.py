@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:  # join the cluster this runs in; start a local one only when there is none
         ray.init(address="auto")
     except ConnectionError:
-        ray.init()
+        ray.init(address="local")
     failure = None
     try:
         info = serve_policy(cfg, checkpoint, iteration)
