@@ -181,6 +181,7 @@ class LearnerConfig(Section):
     max_prompt_length: int = MISSING
     checkpoint_every: int = MISSING  # optimizer steps between step checkpoints; 0: none
     max_failures: int = MISSING  # worker-group restarts Ray Train may make per iteration
+    persistent: bool = MISSING  # one Ray Train run for the whole run (spo_ray/learner/persistent.py), else one per iteration
 
     def __post_init__(self) -> None:
         one_of("learner.loss", self.loss, LOSS_TYPES)
@@ -354,6 +355,11 @@ class Config(Section):
                     "(both on GPUs: NCCL; both on CPUs: gloo); check cluster.rollout.num_gpus and "
                     "cluster.learner.gpus_per_worker, or use rollout.weight_sync=storage"
                 )
+        if self.learner.persistent and self.cluster.colocate:
+            raise ValueError(
+                "learner.persistent=true with cluster.colocate=true: persistent learner workers hold their GPUs for the "
+                "whole run, which colocated rollout and judge actors need while they generate; set learner.persistent=false"
+            )
         if self.learner.bf16 and self.cluster.learner.gpus_per_worker <= 0:
             raise ValueError("learner.bf16=true needs GPU learner workers (cluster.learner.gpus_per_worker > 0)")
         per_step = self.learner.micro_batch_size * self.cluster.learner.num_workers

@@ -44,6 +44,7 @@ STAGES: dict[str, str] = {
     "judging": "a JudgeStage batch: K×K preferences and pair selection (Ray Data actor)",
     "learner_workers": "from the trainer's fit() to a learner worker's first line (Ray Train)",
     "learner_models": "policy, reference and DeepSpeed engine built (Ray Train worker)",
+    "learner_reset": "persistent learner: π_t into the reference, fresh optimizer and LR schedule (Ray Train worker)",
     "learner_wait": "a learner worker waits for its next rows, or for the stream's end (Ray Train worker)",
     "learner_step": "one optimizer step: forward/backward of its micro-batches (Ray Train worker)",
     "learner_checkpoint": "a step checkpoint saved for resume (Ray Train worker)",

@@ -142,17 +142,11 @@ def initial_policy(cfg: Config, run: RunDir) -> str:
 
 
 # ---------------------------------------------------------------------------- stages
-def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_prompts: int, **loop_extra):
-    """A TorchTrainer whose DeepSpeed workers train π_{t-1} on `pairs` (a dataset, or a
-    function Ray Train calls for a fresh stream whenever it (re)starts the workers)."""
+def _torch_trainer(cfg: Config, run: RunDir, train_fn, loop_config: dict, name: str, max_failures: int, datasets: dict | None = None):
+    """A TorchTrainer of the learner workers cluster.learner describes."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from spo_ray.learner.loop import LoopConfig, train_loop_per_worker
-
-    # Ray Data hands rows to the learner in a fixed order (reproducible training), or as
-    # they finish (more overlap). Ray Train copies the driver's DataContext into the stream.
-    ray.data.DataContext.get_current().execution_options.preserve_order = cfg.run.deterministic
     placement = cfg.cluster.learner
     use_gpu = placement.gpus_per_worker > 0
     resources = {"CPU": placement.cpus_per_worker, **placement.resources}
@@ -160,60 +154,101 @@ def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_
         resources["GPU"] = placement.gpus_per_worker
     trainer_start_env(cfg)  # run.timeouts.trainer_start_s
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"loop": LoopConfig(
-            cfg=cfg,
-            policy_path=policy_path,
-            iter_dir=str(run.iter_dir(t)),
-            out_dir=str(run.policy(t)),
-            num_prompts=num_prompts,
-            iteration=t,
-            fit_at=time.time(),  # the workers' start-up is timed from here (spo_ray/timeline.py)
-            **loop_extra,
-        )},
+        train_fn,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=placement.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
-        datasets={"pairs": pairs},
+        datasets=datasets,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=run.iter_dir(t).name,
+            name=name,
             storage_path=str(run.path / "ray_train"),
             # controller_failure_limit=0: workers that cannot be placed fail the iteration after
             # run.timeouts.trainer_start_s instead of being retried forever (Ray Train's default).
-            failure_config=FailureConfig(max_failures=cfg.learner.max_failures, controller_failure_limit=0),
+            failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
         ),
     )
 
 
+def _stream_order(cfg: Config) -> None:
+    """Ray Data hands rows to the learner in a fixed order (reproducible training), or as
+    they finish (more overlap); set on the driver's DataContext, which the stream copies."""
+    ray.data.DataContext.get_current().execution_options.preserve_order = cfg.run.deterministic
+
+
+def loop_config(cfg: Config, run: RunDir, policy_path: str, t: int, num_prompts: int, **loop_extra):
+    """What the learner workers need for iteration t (spo_ray/learner/loop.py)."""
+    from spo_ray.learner.loop import LoopConfig
+
+    return LoopConfig(
+        cfg=cfg,
+        policy_path=policy_path,
+        iter_dir=str(run.iter_dir(t)),
+        out_dir=str(run.policy(t)),
+        num_prompts=num_prompts,
+        iteration=t,
+        fit_at=time.time(),  # the workers' start-up is timed from here (spo_ray/timeline.py)
+        **loop_extra,
+    )
+
+
+def make_trainer(cfg: Config, run: RunDir, pairs, policy_path: str, t: int, num_prompts: int, **loop_extra):
+    """A TorchTrainer whose DeepSpeed workers train π_{t-1} on `pairs` (a dataset, or a
+    function Ray Train calls for a fresh stream whenever it (re)starts the workers): the
+    per-iteration learner (`learner.persistent=false`)."""
+    from spo_ray.learner.loop import train_loop_per_worker
+
+    _stream_order(cfg)
+    job = loop_config(cfg, run, policy_path, t, num_prompts, **loop_extra)
+    return _torch_trainer(cfg, run, train_loop_per_worker, {"loop": job}, run.iter_dir(t).name, cfg.learner.max_failures, {"pairs": pairs})
+
+
+def start_learner(cfg: Config, run: RunDir):
+    """The run's persistent learner (`learner.persistent=true`: one Ray Train run whose
+    workers train every iteration, spo_ray/learner/persistent.py), or None."""
+    if not cfg.learner.persistent:
+        return None
+    from spo_ray.learner.persistent import PersistentLearner
+
+    failures = cfg.learner.max_failures * cfg.run.iterations  # the per-iteration budget, for the run
+    make = partial(_torch_trainer, cfg, run, name="learner", max_failures=failures)
+    return PersistentLearner(make, cfg.cluster.learner.num_workers)
+
+
 def stream_and_train(
-    cfg: Config, run: RunDir, prompts: list[dict], policy_path: str, t: int, engines: RolloutEngines | None = None
+    cfg: Config, run: RunDir, prompts: list[dict], policy_path: str, t: int, engines: RolloutEngines | None = None, learner=None
 ) -> dict:
     """Stages 1+2: the pair stream of iteration t feeding the DeepSpeed learner. Resumable:
     prompts already persisted in iter_t are not generated again, training continues from
     the last step checkpoint (spo_ray/learner/resume.py). `engines`: the run's rollout
-    engines (else the stream's pool actors build their own, e.g. in tests)."""
+    engines (else the stream's pool actors build their own, e.g. in tests). `learner`: the
+    run's persistent learner (`start_learner`); None: a TorchTrainer for this iteration."""
     from spo_ray.pipeline import remaining_pair_stream
 
     pairs = partial(remaining_pair_stream, cfg, prompts, policy_path, t, str(run.iter_dir(t)), engines=engines)
     # rollout.weight_sync=nccl: the learner pushes π_{t+1} to the engines when it is done.
     push = dict(engines=engines) if engines is not None and cfg.rollout.weight_sync == "nccl" else {}
     try:
-        if cfg.cluster.colocate:
-            # Rollout, judge and learner share GPUs: generate and judge everything first; the
-            # judge actors exit when the stream is done, the engines sleep (free their GPU
-            # memory) until the next stream wakes them with π_{t+1}.
-            pairs = pairs().materialize()
-            if engines is not None:
-                engines.sleep(level=2)
-        result = make_trainer(cfg, run, pairs, policy_path, t, len(prompts), **push).fit()
+        if learner is not None:
+            _stream_order(cfg)
+            error = learner.train(loop_config(cfg, run, policy_path, t, len(prompts), **push), pairs)
+        else:
+            if cfg.cluster.colocate:
+                # Rollout, judge and learner share GPUs: generate and judge everything first; the
+                # judge actors exit when the stream is done, the engines sleep (free their GPU
+                # memory) until the next stream wakes them with π_{t+1}.
+                pairs = pairs().materialize()
+                if engines is not None:
+                    engines.sleep(level=2)
+            error = make_trainer(cfg, run, pairs, policy_path, t, len(prompts), **push).fit().error
     except Exception as err:
         if (timeout := explain_timeout(err, cfg, t, engines is not None)) is None:
             raise
         raise timeout from err
-    if result.error:
-        raise explain_timeout(result.error, cfg, t, engines is not None) or RuntimeError(
+    if error:
+        raise explain_timeout(error, cfg, t, engines is not None) or RuntimeError(
             f"iteration {t}: the learner failed (after up to learner.max_failures={cfg.learner.max_failures} restarts): "
-            f"{result.error}; the same command with the same run.dir resumes from {run.iteration(t).checkpoints}"
-        ) from result.error
+            f"{error}; the same command with the same run.dir resumes from {run.iteration(t).checkpoints}"
+        ) from error
     return run.read_json(run.iteration(t).learner_summary)
 
 
@@ -346,6 +381,7 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
     # evaluation, taking each new π in place (none when a finished run is started again).
     finished = all(run.done(t, "eval") for t in range(cfg.run.iterations + 1))
     engines = None if finished else start_engines(cfg, policy, 0)
+    learner = None  # the persistent learner, started with the first iteration that trains
     try:
         if not run.done(0, "eval"):
             evaluate(cfg, run, prompts.held_out, policy, 0, engines)
@@ -361,7 +397,9 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
                 persisted = len(persisted_prompt_ids(run.iter_dir(t)))
                 resumed = f" ({persisted} persisted by an earlier attempt are kept)" if persisted else ""
                 print(f"[spo_ray] iteration {t}/{cfg.run.iterations}: streaming {len(batch) - persisted} prompts{resumed} × K={cfg.rollout.num_samples} into the learner", flush=True)
-                stream_and_train(cfg, run, batch, policy, t, engines)
+                if learner is None:
+                    learner = start_learner(cfg, run)  # its start-up counts in this iteration
+                stream_and_train(cfg, run, batch, policy, t, engines, learner)
                 run.mark_done(t, "train")
                 maybe_fail("driver_after_train")  # fault injection (spo_ray/faults.py)
             # Train is done: later stages read π_t (iter_t/policy); the step checkpoints (weights
@@ -402,6 +440,8 @@ def run_sppo(cfg: Config, raw: DictConfig | None = None) -> RunDir:
 
                 serve_policy(cfg.serve, policy, iteration=t)
     finally:
+        if learner is not None:
+            learner.close()
         if engines is not None:
             engines.shutdown()
     report = write_report(run, config_summary(cfg, prompts.reuse), _examples(run, prompts.held_out, cfg.run.iterations))

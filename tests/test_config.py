@@ -28,6 +28,7 @@ def test_tiny_config_composes_and_validates():
         ("rollout.dtype=int8", "rollout.dtype"),
         ("rollout.weight_sync_bucket_mb=0", "rollout.weight_sync_bucket_mb"),
         ("rollout.weight_sync=nccl cluster.colocate=true", "NCCL refuses two ranks"),
+        ("cluster.colocate=true", "set learner.persistent=false"),
         ("rollout.weight_sync=nccl cluster.gpus_per_node=1 cluster.learner.gpus_per_worker=1", "same kind of device"),
     ],
 )

@@ -34,7 +34,7 @@ def _run(tmp_path, tiny_policy, overrides: list[str]) -> tuple[str, float]:
 def test_a_stage_pool_that_cannot_start_times_out_naming_the_stage(ray_session, tiny_policy, tmp_path):
     # colocate: the stream is materialized by the driver before training (the GPU path)
     text, seconds = _run(
-        tmp_path, tiny_policy, ["cluster.rollout.num_gpus=1", "cluster.colocate=true", "run.timeouts.actor_start_s=3"]
+        tmp_path, tiny_policy, ["cluster.rollout.num_gpus=1", "cluster.colocate=true", "learner.persistent=false", "run.timeouts.actor_start_s=3"]
     )
     assert seconds < 60, f"the actor-start timeout of 3 s took {seconds:.0f} s"
     assert text.startswith("iteration 1: the rollout pool (RolloutStage × 1, 0.25 CPU + 1 GPU each)"), text

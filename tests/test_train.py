@@ -19,7 +19,7 @@ class _Killed(Exception):
     """The driver dies here."""
 
 
-def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=None) -> dict:
+def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=None, learner=None) -> dict:
     """What a finished train stage leaves: π_t, the summary, the step records, a step checkpoint."""
     it = run.iter_dir(t)
     (it / "policy").mkdir(parents=True)
@@ -45,6 +45,7 @@ def stubbed(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "initial_policy", lambda cfg, run: str(run.policy(0)))
     # engines that take every policy at once (sync_engines runs for real on them)
     monkeypatch.setattr(train, "start_engines", lambda cfg, policy, t: SimpleNamespace(shutdown=lambda: None, load=lambda p: [{"how": "storage", "seconds": 0.0}]))
+    monkeypatch.setattr(train, "start_learner", lambda cfg, run: None)
     monkeypatch.setattr(train, "stream_and_train", _fake_stream_and_train)
     monkeypatch.setattr(train, "evaluate", _fake_evaluate)
     monkeypatch.setattr(train, "iteration_tournament", lambda cfg, run, held_out, t: {})  # a Ray task (tests/test_tournament.py)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -183,30 +184,81 @@ class _EpochRows:
             yield from deal([r for r in rows if r["prompt_id"] not in trained], self.rank, self.world)
 
 
+def total_steps(job: LoopConfig) -> int:
+    """Optimizer steps of the iteration, for the LR schedule: an upper bound (skipped prompts shorten it)."""
+    l = job.cfg.learner
+    return max(1, math.ceil(job.num_prompts / l.global_batch_size)) * l.epochs
+
+
+def worker_device(cfg: Config) -> torch.device:
+    import ray.train
+
+    return torch.device(f"cuda:{ray.train.get_context().get_local_rank()}" if cfg.cluster.learner.gpus_per_worker > 0 else "cpu")
+
+
+class StartedShard:
+    """A worker's shard of the pair stream, started at once: a thread asks for its first
+    batch, so the stream's stage actors start and generate while the worker still loads its
+    models (Ray Data starts a split stream only when every worker asks). Rows are persisted
+    and trained only where `iter_batches` is read, as for any shard."""
+
+    def __init__(self, shard, batch_size: int) -> None:
+        self.batches = iter(shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", prefetch_batches=1))
+        self.first: list = []
+        self.error: list[BaseException] = []
+        self.thread = threading.Thread(target=self._pull_first, daemon=True)
+        self.thread.start()
+
+    def _pull_first(self) -> None:
+        try:
+            self.first.append(next(self.batches))
+        except StopIteration:
+            pass
+        except BaseException as err:  # noqa: BLE001 - raised where the batches are read
+            self.error.append(err)
+
+    def iter_batches(self, **_) -> Iterator[pa.Table]:
+        self.thread.join()
+        if self.error:
+            raise self.error[0]
+        yield from self.first
+        yield from self.batches
+
+
 def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
-    """Ray Train entry: one iteration's training of π_t into π_{t+1}, resumable
-    (spo_ray/learner/resume.py): it starts from the newest step checkpoint, if any."""
+    """Ray Train entry of the per-iteration learner (`learner.persistent=false`): build the
+    models from π_t, then `train_iteration`."""
     import ray.train
 
     job = loop_config["loop"]
-    cfg, l, iter_dir = job.cfg, job.cfg.learner, Path(job.iter_dir)
-    timeline = timeline_parts(iter_dir)  # this worker's busy intervals (spo_ray/timeline.py)
+    cfg = job.cfg
+    timeline = timeline_parts(job.iter_dir)  # this worker's busy intervals (spo_ray/timeline.py)
     # From the driver's fit() to here: worker processes, their process group, this module's
     # imports. After a learner restart it spans the failed attempt too.
     record_interval(timeline, "learner_workers", job.fit_at, time.time())
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = torch.device(f"cuda:{ctx.get_local_rank()}" if cfg.cluster.learner.gpus_per_worker > 0 else "cpu")
+    device = worker_device(cfg)
     torch.manual_seed(cfg.run.seed + rank)
-    accumulation = gradient_accumulation_steps(l, world)  # raises before any model is loaded
-    total_steps = max(1, math.ceil(job.num_prompts / l.global_batch_size)) * l.epochs  # an upper bound: skipped prompts shorten it
+    gradient_accumulation_steps(cfg.learner, world)  # raises before any model is loaded
+    shard = StartedShard(ray.train.get_dataset_shard("pairs"), cfg.learner.micro_batch_size)
     with span(timeline, "learner_models"):
-        models = build_models(cfg, job.policy_path, device, world, total_steps)
+        models = build_models(cfg, job.policy_path, device, world, total_steps(job))
+    summary = train_iteration(job, models, shard, rank, world, device)
+    ray.train.report({"steps": summary.steps, "streamed_rows": summary.streamed_rows})
 
+
+def train_iteration(job: LoopConfig, models, shard, rank: int, world: int, device: torch.device) -> LearnerSummary:
+    """One iteration's training of π_t (held by `models`) into π_{t+1}, saved to
+    `job.out_dir`; resumable (spo_ray/learner/resume.py): it starts from the newest step
+    checkpoint, if any. `shard`: this worker's part of the pair stream."""
+    cfg, l, iter_dir = job.cfg, job.cfg.learner, Path(job.iter_dir)
+    timeline = timeline_parts(iter_dir)
+    torch.manual_seed(cfg.run.seed + rank)  # both learners draw the same numbers in each iteration
     # Resume: the newest step checkpoint and every row persisted so far.
     position, checkpoint = restore(models.engine, iter_dir, shared_view(rank, world, cfg.run.timeouts.shared_fs_s))
     summary = LearnerSummary(steps=position.step, resumed_from_step=position.step)
-    epoch_rows = _EpochRows(job, ray.train.get_dataset_shard("pairs"), rank, world, summary)
+    epoch_rows = _EpochRows(job, shard, rank, world, summary)
     if world > 1:
         torch.distributed.barrier()
     if rank == 0 and (checkpoint or epoch_rows.persisted):
@@ -216,7 +268,24 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
             flush=True,
         )
     stats = _restored_stats(position, rank)
-    progress = _Progress(job, rank, total_steps, summary)
+    _train_epochs(job, models, epoch_rows, position, stats, summary, rank, world)
+    summary.prompts_truncated, summary.responses_truncated = stats.prompts_truncated, stats.responses_truncated
+    summary.skipped = dict(stats.reasons)  # pairs the tokenizer failed on (weight 0); see _finish
+    with span(timeline, "save_policy"):
+        _finish(models.engine, models.tokenizer, cfg, iter_dir, summary, rank, world, job.out_dir)
+    if job.engines is not None:
+        _push_weights(job, models.engine, rank, world, device)
+    return summary
+
+
+def _train_epochs(
+    job: LoopConfig, models, epoch_rows: _EpochRows, position: Position, stats: TokenStats, summary: LearnerSummary, rank: int, world: int
+) -> None:
+    """The optimizer steps of the epochs from `position` on, with step checkpoints."""
+    l, iter_dir = job.cfg.learner, Path(job.iter_dir)
+    timeline = timeline_parts(iter_dir)
+    accumulation = gradient_accumulation_steps(l, world)
+    progress = _Progress(job, rank, total_steps(job), summary)
     waiting = time.time()  # for the stream's first rows, then for each next step's, then for its end
     for epoch in range(position.epoch, l.epochs):
         trained = set(position.consumed) if epoch == position.epoch else set()
@@ -240,14 +309,6 @@ def train_loop_per_worker(loop_config: dict[str, LoopConfig]) -> None:
             maybe_fail("learner_step")  # fault injection (spo_ray/faults.py)
             waiting = time.time()
     record_interval(timeline, "learner_wait", waiting, time.time())
-
-    summary.prompts_truncated, summary.responses_truncated = stats.prompts_truncated, stats.responses_truncated
-    summary.skipped = dict(stats.reasons)  # pairs the tokenizer failed on (weight 0); see _finish
-    with span(timeline, "save_policy"):
-        _finish(models.engine, models.tokenizer, cfg, iter_dir, summary, rank, world, job.out_dir)
-    if job.engines is not None:
-        _push_weights(job, models.engine, rank, world, device)
-    ray.train.report({"steps": summary.steps, "streamed_rows": summary.streamed_rows})
 
 
 def _push_weights(job: LoopConfig, engine, rank: int, world: int, device: torch.device) -> None:

@@ -160,7 +160,7 @@ def test_colocated_engines_sleep_through_training_and_wake_with_the_new_policy(e
     from spo_ray.train import stream_and_train
 
     _, pool = engines
-    _, cfg = compose(["experiment=tiny", "cluster.colocate=true", "rollout.num_samples=2", "rollout.max_new_tokens=4", "learner.epochs=1"])
+    _, cfg = compose(["experiment=tiny", "cluster.colocate=true", "learner.persistent=false", "rollout.num_samples=2", "rollout.max_new_tokens=4", "learner.epochs=1"])
     run = RunDir(tmp_path / "run")
     run.prepare_train(1)
     prompts = [{"prompt_id": f"p{i}", "prompt": f"Say {i}"} for i in range(8)]
