@@ -181,6 +181,7 @@ class LearnerConfig(Section):
     max_prompt_length: int = MISSING
     checkpoint_every: int = MISSING  # optimizer steps between step checkpoints; 0: none
     max_failures: int = MISSING  # worker-group restarts Ray Train may make per iteration
+    num_threads: Optional[int] = MISSING  # CPU learner workers: torch threads (None: Ray's OMP_NUM_THREADS)
     persistent: bool = MISSING  # one Ray Train run for the whole run (spo_ray/learner/persistent.py), else one per iteration
 
     def __post_init__(self) -> None:
@@ -197,6 +198,8 @@ class LearnerConfig(Section):
         positive("learner.lr", self.lr)
         positive("learner.epochs", self.epochs)
         positive("learner.micro_batch_size", self.micro_batch_size)
+        if self.num_threads is not None:
+            positive("learner.num_threads", self.num_threads)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"learner.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.global_batch_size % self.micro_batch_size:

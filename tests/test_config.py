@@ -15,6 +15,7 @@ def test_tiny_config_composes_and_validates():
     [
         ("learner.loss=kto", "learner.loss"),
         ("learner.lr=0", "learner.lr"),
+        ("learner.num_threads=0", "learner.num_threads"),
         ("rollout.num_samples=1", "rollout.num_samples"),
         ("rollout.temperature=0", "rollout.temperature"),
         ("learner.global_batch_size=7", "global_batch_size"),

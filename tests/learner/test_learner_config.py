@@ -34,3 +34,19 @@ def test_a_single_worker_runs_without_zero():
     _, cfg = compose(["experiment=tiny", "learner.micro_batch_size=2", "learner.global_batch_size=16", "learner.zero_stage=3"])
     assert zero_stage(cfg.learner, 1) == 0 and zero_stage(cfg.learner, 2) == 3
     assert build_deepspeed_config(cfg.learner, world_size=1)["zero_optimization"] == {"stage": 0}
+
+
+def test_a_cpu_worker_takes_learner_num_threads_else_keeps_rays():
+    import torch
+
+    from spo_ray.learner.loop import worker_device
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # what Ray's OMP_NUM_THREADS gives a 0.5-CPU worker
+        _, cfg = compose(["experiment=tiny"])
+        assert worker_device(cfg) == torch.device("cpu") and torch.get_num_threads() == 1
+        _, cfg = compose(["experiment=tiny", "learner.num_threads=2"])
+        assert worker_device(cfg) == torch.device("cpu") and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
