@@ -279,8 +279,12 @@ class RunDir:
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-        for leftover in [*files.dir.glob(".tmp-*"), *files.checkpoints.glob(".tmp-*")]:
-            shutil.rmtree(leftover, ignore_errors=True)
+        # What a killed writer left half-written (write_then_rename's temporaries): files and folders.
+        for leftover in (p for folder in (files.dir, files.checkpoints, files.pairs, files.skipped) for p in folder.glob(".tmp-*")):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
     # -- files: `relative` is a path inside the run dir, or one that its methods return --
     def write_json(self, relative: str | Path, data: Any) -> Path:

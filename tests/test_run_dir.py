@@ -57,3 +57,20 @@ def test_a_folder_is_written_whole_or_not_at_all(tmp_path):
             (tmp / "c.txt").write_text("four")
     assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy"]  # no temporaries left
+
+
+def test_restarting_the_train_stage_removes_what_killed_writers_left_half_written(tmp_path):
+    from spo_ray.run_dir import write_then_rename
+
+    run = RunDir(tmp_path / "run")
+    files = run.iteration(1)
+    kept = files.pairs / "part-1-r000-00000.parquet"
+    for folder in (files.dir, files.pairs, files.skipped, files.checkpoints):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / ".tmp-x.parquet-abc123").write_text("half")  # a file a killed worker left
+    (files.checkpoints / ".tmp-step_000002-xyz").mkdir()  # and a checkpoint folder
+    with write_then_rename(kept) as tmp:
+        tmp.write_text("whole")
+    run.prepare_train(1)
+    left = [p for folder in (files.dir, files.pairs, files.skipped, files.checkpoints) for p in folder.glob(".tmp-*")]
+    assert left == [] and kept.read_text() == "whole"

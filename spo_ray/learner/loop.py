@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,7 +35,7 @@ from spo_ray.learner.deepspeed_config import gradient_accumulation_steps, zero_s
 from spo_ray.learner.models import build_models
 from spo_ray.learner.resume import Position, deal, epoch_order, persisted_rows, restore, save_checkpoint, shared_view
 from spo_ray.learner.step import StepSums, learner_step, step_groups
-from spo_ray.run_dir import timeline_parts, write_json_atomic
+from spo_ray.run_dir import IterationFiles, timeline_parts, write_json_atomic, write_then_rename
 from spo_ray.timeline import record_interval, span
 
 
@@ -58,11 +57,10 @@ class LearnerSummary:
     resumed_from_step: int = 0
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write-then-rename: a crash never leaves a half-written part that looks complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+def _write_part(table: pa.Table, path: Path) -> None:
+    """A crash never leaves a half-written part that looks complete (run_dir.write_then_rename)."""
+    with write_then_rename(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 class _PairSink:
@@ -71,8 +69,8 @@ class _PairSink:
     sort by attempt, rank and batch."""
 
     def __init__(self, iter_dir: Path, rank: int) -> None:
-        self.pairs_dir = iter_dir / "pairs"
-        self.skipped_dir = iter_dir / "skipped"
+        files = IterationFiles(iter_dir)
+        self.pairs_dir, self.skipped_dir = files.pairs, files.skipped
         self.pairs_dir.mkdir(parents=True, exist_ok=True)
         self.skipped_dir.mkdir(parents=True, exist_ok=True)
         self.prefix = f"part-{time.time_ns():020d}-r{rank:03d}"
@@ -85,12 +83,12 @@ class _PairSink:
         pairs = [r for r in rows if not r["skip_reason"]]
         skipped = [(i, r) for i, r in enumerate(rows) if r["skip_reason"]]
         if pairs:
-            write_parquet_atomic(pair_table(pairs), self.pairs_dir / name)
+            _write_part(pair_table(pairs), self.pairs_dir / name)
         if skipped:
             table = pa.Table.from_pylist(
                 [{"prompt_id": r["prompt_id"], "skip_reason": r["skip_reason"], "iteration": r["iteration"], "position": i} for i, r in skipped]
             )
-            write_parquet_atomic(table, self.skipped_dir / name)
+            _write_part(table, self.skipped_dir / name)
         self.written.append((name, bool(pairs), bool(skipped)))
 
 
@@ -325,7 +323,7 @@ def _push_weights(job: LoopConfig, engine, rank: int, world: int, device: torch.
     with span(timeline_parts(job.iter_dir), "weight_sync"):
         pushed = push_weights(engine.module, job.cfg, job.engines, job.out_dir, rank, device, agree)
     if rank == 0:
-        write_json_atomic(Path(job.iter_dir) / "weight_push.json", pushed)
+        write_json_atomic(IterationFiles(Path(job.iter_dir)).weight_push, pushed)
 
 
 def _summed(sums: StepSums, world: int, device: torch.device) -> StepSums:
@@ -345,7 +343,7 @@ class _Progress:
 
     def __init__(self, job: LoopConfig, rank: int, total_steps: int, summary: LearnerSummary) -> None:
         self.job, self.rank, self.total_steps, self.summary = job, rank, total_steps, summary
-        self.path = Path(job.iter_dir) / "train_metrics.jsonl"
+        self.path = IterationFiles(Path(job.iter_dir)).train_metrics
         self.started = time.time()
 
     def log(self, sums: StepSums, scheduler, epoch: int, step_ids: list[str]) -> None:
@@ -381,7 +379,8 @@ class _Progress:
 
 def _finish(engine, tokenizer, cfg: Config, iter_dir: Path, summary: LearnerSummary, rank: int, world: int, out_dir: str) -> None:
     """Sum the counts over workers, count the persisted rows, save π_{t+1} (rank 0) as an HF folder."""
-    from spo_ray.modeling import save_policy, torch_dtype
+    from spo_ray.dtypes import torch_dtype
+    from spo_ray.modeling import save_policy
 
     summaries = _all_gather(asdict(summary), world)
     state_dict = engine._zero3_consolidated_16bit_state_dict() if zero_stage(cfg.learner, world) == 3 else None
@@ -405,4 +404,4 @@ def _finish(engine, tokenizer, cfg: Config, iter_dir: Path, summary: LearnerSumm
     dtype = torch_dtype(cfg.model.dtype)
     engine.module.config.use_cache = True
     save_policy(engine.module, tokenizer, out_dir, state_dict={k: v.to(dtype) for k, v in state_dict.items()})
-    write_json_atomic(iter_dir / "learner_summary.json", asdict(total))
+    write_json_atomic(IterationFiles(iter_dir).learner_summary, asdict(total))
