@@ -7,7 +7,7 @@ actor and what to check, and says that the same command with the same `run.dir` 
                                                                      DataContext.wait_for_min_actors_s)
     run.timeouts.trainer_start_s        Ray Train workers placed        (RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S)
     run.timeouts.weight_reload_s        engines loading π_{t+1}         (RolloutEngines.load, VLLMEngine)
-    run.timeouts.eval_s                 the evaluation task             (train.evaluate)
+    run.timeouts.eval_s                 the evaluation, the tournament   (train.evaluate, tournament; get_within)
     run.timeouts.shared_fs_s            a file rank 0 listed, elsewhere (learner.resume.SharedView)
     serve.reconfigure_timeout_s         Serve loading π_t               (serve.serve_policy)
 
@@ -122,3 +122,15 @@ def _start_timeout(cfg: Config, iteration: int, pools: dict) -> TimeoutError:
 def _resources() -> str:
     total = ray.cluster_resources()
     return ", ".join(f"{total.get(k, 0):g} {k}" for k in ("CPU", "GPU"))
+
+
+def get_within(ref: ray.ObjectRef, timeout_s: float, what: str, hint: str = "") -> object:
+    """`ray.get(ref)` within `timeout_s`; past it the task is cancelled and a TimeoutError
+    names `what`, the knob (run.timeouts.eval_s) and that the same run.dir resumes."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise TimeoutError(
+            f"{what} took longer than run.timeouts.eval_s={timeout_s}s; {hint}raise the timeout and rerun with the same run.dir"
+        ) from None

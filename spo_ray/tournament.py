@@ -122,6 +122,8 @@ def iteration_tournament(cfg: "Config", run: RunDir, held_out: list[dict], t: in
     task with the evaluation's resources (`cluster.evaluate`); writes `iter_<t>/tournament.json`."""
     import ray
 
+    from spo_ray.timeouts import get_within
+
     start = time.time()
     ids = [p["prompt_id"] for p in held_out]
     answers = [stored_answers(run, s, ids) for s in range(t + 1)]
@@ -131,14 +133,7 @@ def iteration_tournament(cfg: "Config", run: RunDir, held_out: list[dict], t: in
         cfg.judge, str(run.policy(0)), cfg.model.trust_remote_code, held_out, answers,
         [f"π_{s}" for s in range(t + 1)], str(run.timeline_parts(t)),
     )
-    try:
-        record = ray.get(ref, timeout=cfg.run.timeouts.eval_s)
-    except ray.exceptions.GetTimeoutError:
-        ray.cancel(ref, force=True)
-        raise TimeoutError(
-            f"the tournament of {run.iter_dir(t).name} took longer than run.timeouts.eval_s={cfg.run.timeouts.eval_s}s; "
-            "raise the timeout and rerun with the same run.dir"
-        ) from None
+    record = get_within(ref, cfg.run.timeouts.eval_s, f"the tournament of {run.iter_dir(t).name}")
     run.write_json(run.iteration(t).tournament, record)
     best = max(range(t + 1), key=lambda i: record["nash"][i])
     print(

@@ -36,7 +36,7 @@ from spo_ray.rollout.engines import RolloutEngines
 from spo_ray.run_dir import RunDir, persisted_prompt_ids
 from spo_ray.sweep import sweep_run_dir
 from spo_ray.timeline import biggest_overheads, span, write_timeline
-from spo_ray.timeouts import explain_timeout, trainer_start_env
+from spo_ray.timeouts import explain_timeout, get_within, trainer_start_env
 from spo_ray.tournament import iteration_tournament
 
 log = logging.getLogger("spo_ray")
@@ -263,14 +263,8 @@ def evaluate(cfg: Config, run: RunDir, held_out: list[dict], policy_path: str, t
     baseline = None if t == 0 else run.read_json(run.iteration(0).answers)["answers"]
     timeline = str(run.timeline_parts(t)) if t > 0 else None  # π_0's answers are the run's set-up, not an iteration
     ref = task.remote(cfg, policy_path, held_out, baseline, engines.clients(), timeline, time.time())
-    try:
-        result = ray.get(ref, timeout=cfg.run.timeouts.eval_s)
-    except ray.exceptions.GetTimeoutError:
-        ray.cancel(ref, force=True)
-        raise TimeoutError(
-            f"evaluation of {run.iter_dir(t).name} took longer than run.timeouts.eval_s={cfg.run.timeouts.eval_s}s; "
-            "check the evaluation task's log in the Ray dashboard, raise the timeout, and rerun with the same run.dir"
-        ) from None
+    hint = "check the evaluation task's log in the Ray dashboard, "
+    result = get_within(ref, cfg.run.timeouts.eval_s, f"evaluation of {run.iter_dir(t).name}", hint)
     run.write_json(run.iteration(t).answers, {"prompt_ids": [p["prompt_id"] for p in held_out], "answers": result["answers"], "lengths": result.pop("lengths")})
     write_answer_files(run.iter_dir(t), held_out, result.pop("answers"), result.pop("mt_bench", None), f"{cfg.experiment}-pi_{t}")
     if t > 0:

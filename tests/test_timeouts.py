@@ -52,3 +52,21 @@ def test_learner_workers_that_cannot_start_time_out_naming_the_learner(ray_sessi
     assert "run.timeouts.trainer_start_s=3s" in text and "ray status" in text and "same run.dir" in text
     record_fault("learner workers cannot be placed (ask for a GPU)", "trainer start", False, 0, 0, None,
                  outcome=f"TimeoutError naming the learner after {seconds:.0f} s (run.timeouts.trainer_start_s=3); resumable")
+
+
+def test_a_task_past_its_timeout_is_cancelled_and_named(ray_session):
+    from spo_ray.timeouts import get_within
+
+    @ray_session.remote(num_cpus=0)
+    def slow(s: float) -> float:
+        time.sleep(s)
+        return s
+
+    assert get_within(slow.remote(0.0), 60, "a quick task") == 0.0
+    ref = slow.remote(120.0)
+    start = time.time()
+    with pytest.raises(TimeoutError, match=r"evaluation of iter_3 took longer than run.timeouts.eval_s=1s; .*same run.dir"):
+        get_within(ref, 1, "evaluation of iter_3")
+    assert time.time() - start < 30
+    with pytest.raises((ray_session.exceptions.TaskCancelledError, ray_session.exceptions.WorkerCrashedError)):
+        ray_session.get(ref, timeout=30)  # cancelled, not left running
