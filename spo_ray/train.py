@@ -17,6 +17,7 @@ same `run.dir` resumes after the last finished one.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -153,6 +154,9 @@ def _torch_trainer(cfg: Config, run: RunDir, train_fn, loop_config: dict, name: 
     if use_gpu:
         resources["GPU"] = placement.gpus_per_worker
     trainer_start_env(cfg)  # run.timeouts.trainer_start_s
+    # Ray Train V2 tees a worker's print() into its logger as well, and both reach the driver:
+    # every learner progress line showed twice. Ray's log_to_driver forwards it once.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         train_fn,
         train_loop_config=loop_config,

@@ -147,6 +147,8 @@ def test_job_submit_runs_sppo_to_completion(ray_head, tmp_path):
     # The progress lines reach `ray job logs`: the driver's and the learner worker's.
     assert "[spo_ray] iteration 1/1: streaming 8 prompts" in logs.stdout, context
     assert "[learner] iter 1" in logs.stdout, context
+    first_step = [line for line in logs.stdout.splitlines() if "[learner] iter 1 epoch 1/" in line and " step 1/" in line]
+    assert len(first_step) == 1, first_step  # once, not teed by Ray Train's print patch too
     assert "[spo_ray] done: π_1" in logs.stdout, context
     # The driver joined the `ray start` cluster rather than starting a Ray of its own.
     assert "Started a local Ray instance" not in logs.stdout, context
