@@ -244,6 +244,10 @@ class EvalConfig(Section):
     # A second, independent judge: the name of a preset in conf/judge/ (e.g. reference_mpnet);
     # None: the training judge only. Checked by spo_ray.compose.validate (it reads the preset).
     judge: Optional[str] = None
+    # True: π_t is evaluated on the run's rollout engines while iteration t+1 streams
+    # (its record follows that stream); False: after training, alone. Off on 2 CPUs, where
+    # both compete for the same cores; on in the GPU presets.
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         positive("evaluate.max_new_tokens", self.max_new_tokens)
@@ -358,6 +362,19 @@ class Config(Section):
                     "(both on GPUs: NCCL; both on CPUs: gloo); check cluster.rollout.num_gpus and "
                     "cluster.learner.gpus_per_worker, or use rollout.weight_sync=storage"
                 )
+        if self.evaluate.overlap and self.cluster.colocate:
+            raise ValueError(
+                "evaluate.overlap=true with cluster.colocate=true: the engines sleep while the learner trains on their "
+                "GPUs, so an evaluation beside the stream has no engine to answer it; set evaluate.overlap=false"
+            )
+        c = self.cluster
+        beside = sum(c.gpu_layout().values()) + c.evaluate.num_actors * c.evaluate.num_gpus
+        if self.evaluate.overlap and beside > c.nodes * c.gpus_per_node + 1e-9:
+            raise ValueError(
+                f"evaluate.overlap=true: the evaluation task's {c.evaluate.num_actors}×{c.evaluate.num_gpus:g} GPUs beside the "
+                f"stream's {sum(c.gpu_layout().values()):g} are more than the cluster has ({c.nodes * c.gpus_per_node}); it answers "
+                "on the rollout engines and judges on the judge pool, so cluster.evaluate.num_gpus=0 is enough"
+            )
         if self.learner.persistent and self.cluster.colocate:
             raise ValueError(
                 "learner.persistent=true with cluster.colocate=true: persistent learner workers hold their GPUs for the "

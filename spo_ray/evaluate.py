@@ -160,12 +160,14 @@ def evaluate_policy(
     engine_factory: Callable | None = None,
     timeline_dir: str | None = None,
     submitted_at: float | None = None,
+    judge_factory: Callable | None = None,
 ) -> dict:
     """Answers of the policy at `policy_path` on the held-out prompts (and MT-Bench's
     questions when `evaluate.mt_bench_source` is set) and, given π_0's answers, the judged
     win rate: `win_rate`, `win_rate_ci`, `wins`, `ties`, `losses`, `judge_nan`, `n`, `avg_length`.
 
-    The judge is the training stream's (`cfg.judge`); a reference-guided judge gets each
+    The judge is the training stream's (`cfg.judge`: `judge_factory(cfg.judge)`, the run's
+    judge pool, or by default one built here); a reference-guided judge gets each
     held-out prompt's reference answer. With `evaluate.judge` (a preset of conf/judge/) the
     same pairs are judged again by that judge: `independent_win_rate`, `independent_win_rate_ci`,
     `independent_wins` … `independent_n`, `independent_judge` (the preset), and
@@ -206,7 +208,7 @@ def evaluate_policy(
         return result
     tokenizer = load_tokenizer(policy_path, cfg.model.trust_remote_code)
     judged = partial(outcomes_under, held_out=held_out, answers=answers, baseline=baseline, tokenizer=tokenizer, timeline_dir=timeline_dir)
-    training = judged(cfg.judge, "training")
+    training = judged(cfg.judge, "training", judge_factory=judge_factory)
     result.update(win_rate(training).as_dict())
     if e.judge is not None:
         from spo_ray.compose import judge_preset
@@ -223,18 +225,26 @@ def evaluate_policy(
 
 
 def outcomes_under(
-    judge_cfg: "JudgeConfig", label: str, held_out: list[dict], answers: list[str], baseline: list[str], tokenizer, timeline_dir: str | None
+    judge_cfg: "JudgeConfig",
+    label: str,
+    held_out: list[dict],
+    answers: list[str],
+    baseline: list[str],
+    tokenizer,
+    timeline_dir: str | None,
+    judge_factory: Callable | None = None,
 ) -> list[Optional[float]]:
-    """`judge_outcomes` under the judge `judge_cfg` (built here; its start-up recorded as
-    `eval_start`, the judging as `evaluation`), each judge seeing the prompts in its own
-    `prompt_format`; a reference-guided judge gets the held-out prompts' references."""
+    """`judge_outcomes` under the judge `judge_cfg` (`judge_factory(judge_cfg)`, by default
+    `build_judge`; its start-up recorded as `eval_start`, the judging as `evaluation`), each
+    judge seeing the prompts in its own `prompt_format`; a reference-guided judge gets the
+    held-out prompts' references."""
     from spo_ray.data.chat import judge_prompts
     from spo_ray.judge import attach_references, build_judge
     from spo_ray.timeline import span
 
     print(f"[eval] judging {len(answers)} answers against π_0's, both orders ({label} judge: {judge_cfg.name})", flush=True)
     with span(timeline_dir, "eval_start"):
-        judge = build_judge(judge_cfg)
+        judge = (judge_factory or build_judge)(judge_cfg)
     with span(timeline_dir, "evaluation"):
         shown = judge_prompts([p["prompt"] for p in held_out], judge_cfg.prompt_format, tokenizer)
         attach_references(judge, shown, [p.get("reference") for p in held_out])

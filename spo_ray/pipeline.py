@@ -2,7 +2,8 @@
 
     prompts ─► RolloutStage (actor pool: K samples per prompt from π_t, on the run's
                              persistent rollout engines, spo_ray/rollout/engines.py)
-            ─► JudgeStage   (actor pool, K×K pairwise logits → scores, then
+            ─► JudgeStage   (actor pool, K×K pairwise logits from the run's persistent
+                             judges, spo_ray/judge/pool.py → scores, then
                              select_pairs: p̂, chosen, rejected, P[w,l]; or a skip reason)
             ─► the learner's `get_dataset_shard("pairs")`, which trains while later
                prompts are still being generated and judged, and persists the rows.
@@ -32,6 +33,7 @@ from spo_ray.timeline import record_interval, span
 from spo_ray.timeouts import apply_stream_timeouts
 
 if TYPE_CHECKING:
+    from spo_ray.judge.pool import JudgePool
     from spo_ray.rollout.engines import RolloutEngines
 
 # A pool actor that dies (node lost, OOM, crash) is restarted and the batch it was working
@@ -99,6 +101,7 @@ class JudgeStage:
     With `judge.prompt_format: chat` the judge sees the prompt as the policy saw it (the
     chat template up to the assistant turn), as the paper's ranking script does. With
     `timeline_dir` it records its start and each batch's judging (spo_ray/timeline.py).
+    `judge_factory`: `build_judge`, or the run's judge pool (`JudgePool.clients()`).
     """
 
     def __init__(
@@ -175,9 +178,15 @@ def judge_stream(
     iteration: int,
     judge_factory: Callable = build_judge,
     timeline_dir: str | None = None,
+    judges: "JudgePool | None" = None,
 ) -> ray.data.Dataset:
-    """Rollout rows → pair rows (with skip reasons), through the judge actor pool (lazy)."""
+    """Rollout rows → pair rows (with skip reasons), through the judge actor pool (lazy).
+    With the run's persistent `judges` the pool's actors only forward batches to them and
+    reserve nothing; without, each pool actor builds its own judge with `judge_factory`."""
     c = cfg.cluster.judge
+    resources = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus)
+    if judges is not None:
+        judge_factory, resources = judges.clients(), dict(num_cpus=0, num_gpus=0)
     return rollouts.map_batches(
         JudgeStage,
         fn_constructor_kwargs=dict(
@@ -191,8 +200,7 @@ def judge_stream(
         batch_size=cfg.judge.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=c.num_actors),
-        num_cpus=c.num_cpus,
-        num_gpus=c.num_gpus,
+        **resources,
         **STAGE_FAULT_TOLERANCE,
     )
 
@@ -204,14 +212,21 @@ def build_pair_stream(
     iteration: int,
     engines: "RolloutEngines | None" = None,
     timeline_dir: str | None = None,
+    judges: "JudgePool | None" = None,
 ) -> ray.data.Dataset:
     """The lazy Ray Data stream of one iteration's pair rows (nothing runs until consumed)."""
     rollouts = rollout_stream(cfg, prompts, policy_path, iteration, engines=engines, timeline_dir=timeline_dir)
-    return apply_stream_timeouts(judge_stream(cfg, rollouts, policy_path, iteration, timeline_dir=timeline_dir), cfg)
+    return apply_stream_timeouts(judge_stream(cfg, rollouts, policy_path, iteration, timeline_dir=timeline_dir, judges=judges), cfg)
 
 
 def remaining_pair_stream(
-    cfg: Config, prompts: list[dict], policy_path: str, iteration: int, iter_dir: str, engines: "RolloutEngines | None" = None
+    cfg: Config,
+    prompts: list[dict],
+    policy_path: str,
+    iteration: int,
+    iter_dir: str,
+    engines: "RolloutEngines | None" = None,
+    judges: "JudgePool | None" = None,
 ) -> ray.data.Dataset:
     """The stream of the prompts whose row is not persisted in `iter_dir` yet. Ray Train
     calls it each time it (re)starts the learner, so a restart generates nothing twice."""
@@ -220,7 +235,7 @@ def remaining_pair_stream(
     done = persisted_prompt_ids(iter_dir)
     todo = [p for p in prompts if p["prompt_id"] not in done]
     if todo:
-        stream = build_pair_stream(cfg, todo, policy_path, iteration, engines, str(timeline_parts(iter_dir)))
+        stream = build_pair_stream(cfg, todo, policy_path, iteration, engines, str(timeline_parts(iter_dir)), judges)
     else:
         stream = ray.data.from_arrow(STREAM_SCHEMA.empty_table())
     return pad_for_workers(stream, len(todo), cfg.cluster.learner.num_workers)

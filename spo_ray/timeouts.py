@@ -66,11 +66,12 @@ def _pool_shortfall(name: str, pool: PoolConfig) -> str | None:
     return None
 
 
-def explain_timeout(err: BaseException, cfg: Config, iteration: int, engines: bool = False) -> TimeoutError | None:
+def explain_timeout(err: BaseException, cfg: Config, iteration: int, engines: bool = False, judges: bool = False) -> TimeoutError | None:
     """A TimeoutError naming what did not start in time, when `err` is one of Ray's start
     timeouts (it may be nested in a Ray Train or Ray Data error); None for any other error.
-    `engines`: the stream ran on the run's rollout engines, so its RolloutStage actors
-    reserved nothing (the engines' own start is `pool_start_timeout`)."""
+    `engines` / `judges`: the stream ran on the run's rollout engines / judge pool, so its
+    RolloutStage / JudgeStage actors reserved nothing (the pools' own starts are
+    `pool_start_timeout` and `judge_pool_start_timeout`)."""
     text = f"{err!r} {err}"
     cause = err.__cause__
     while cause is not None:
@@ -81,7 +82,10 @@ def explain_timeout(err: BaseException, cfg: Config, iteration: int, engines: bo
         rollout = ("RolloutStage", c.rollout, f"the policy ({cfg.rollout.engine} engine)")
         if engines:
             rollout = ("RolloutStage", replace(c.rollout, num_cpus=0, num_gpus=0), "a lease on a rollout engine")
-        return _start_timeout(cfg, iteration, {"rollout": rollout, "judge": ("JudgeStage", c.judge, f"the {cfg.judge.name} judge")})
+        judge = ("JudgeStage", c.judge, f"the {cfg.judge.name} judge")
+        if judges:
+            judge = ("JudgeStage", replace(c.judge, num_cpus=0, num_gpus=0), "a lease on a judge actor")
+        return _start_timeout(cfg, iteration, {"rollout": rollout, "judge": judge})
     if _TRAINER_START_TEXT in text:
         l = c.learner
         return TimeoutError(
@@ -98,6 +102,11 @@ def explain_timeout(err: BaseException, cfg: Config, iteration: int, engines: bo
 def pool_start_timeout(cfg: Config, iteration: int) -> TimeoutError:
     """The rollout engines (spo_ray/rollout/engines.py) did not start within actor_start_s."""
     return _start_timeout(cfg, iteration, {"rollout": ("EngineActor", cfg.cluster.rollout, f"the policy ({cfg.rollout.engine} engine)")})
+
+
+def judge_pool_start_timeout(cfg: Config, iteration: int) -> TimeoutError:
+    """The run's judges (spo_ray/judge/pool.py) did not start within actor_start_s."""
+    return _start_timeout(cfg, iteration, {"judge": ("JudgeActor", cfg.cluster.judge, f"the {cfg.judge.name} judge")})
 
 
 def _start_timeout(cfg: Config, iteration: int, pools: dict) -> TimeoutError:

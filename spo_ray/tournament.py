@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 from spo_ray.evaluate import outcome, win_rate
 from spo_ray.metagame import exploitability, intransitive_cycles, nash_mixture
@@ -31,6 +31,7 @@ from spo_ray.run_dir import RunDir, write_json_atomic, write_text_atomic, write_
 if TYPE_CHECKING:
     from spo_ray.config import Config, DataConfig, JudgeConfig
     from spo_ray.judge.base import Judge
+    from spo_ray.judge.pool import JudgePool
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ def judge_tournament(
     answers: list[list[str]],
     policies: list[str],
     timeline_dir: str | None = None,
+    judge_factory: Callable | None = None,
 ) -> dict:
-    """Build the judge, judge every pair of `policies` (answers[p][n]: policy p on held-out
+    """Build the judge (`judge_factory(judge_cfg)`, by default `build_judge`), judge every pair of `policies` (answers[p][n]: policy p on held-out
     prompt n) and return the tournament record. Plain Python; train.py runs it as a Ray task.
     The judge sees the prompts in its `prompt_format` (chat: `tokenizer_path`'s template) and,
     if reference-guided, the held-out references."""
@@ -98,7 +100,7 @@ def judge_tournament(
     from spo_ray.timeline import span
 
     with span(timeline_dir, "tournament"):
-        judge = build_judge(judge_cfg)
+        judge = (judge_factory or build_judge)(judge_cfg)
         shown = judge_prompts([p["prompt"] for p in held_out], judge_cfg.prompt_format, load_tokenizer(tokenizer_path, trust_remote_code))
         attach_references(judge, shown, [p.get("reference") for p in held_out])
         print(f"[tournament] {len(policies)} policies, {len(policies) * (len(policies) - 1) // 2} pairs × {len(shown)} prompts ({judge_cfg.name} judge)", flush=True)
@@ -117,9 +119,13 @@ def stored_answers(run: RunDir, t: int, prompt_ids: Sequence[str]) -> list[str]:
     return stored["answers"]
 
 
-def iteration_tournament(cfg: "Config", run: RunDir, held_out: list[dict], t: int) -> dict:
-    """π_0 … π_t of this run, every pair, under the training judge (`cfg.judge`), as one Ray
-    task with the evaluation's resources (`cluster.evaluate`); writes `iter_<t>/tournament.json`."""
+def iteration_tournament(
+    cfg: "Config", run: RunDir, held_out: list[dict], t: int, judges: "JudgePool | None" = None, timeline_t: int | None = None
+) -> dict:
+    """π_0 … π_t of this run, every pair, under the training judge (`cfg.judge`: the run's
+    `judges`, else built for it), as one Ray task with the evaluation's resources
+    (`cluster.evaluate`); writes `iter_<t>/tournament.json`. Its busy time goes to iteration
+    `timeline_t`'s timeline (default t)."""
     import ray
 
     from spo_ray.timeouts import get_within
@@ -131,7 +137,7 @@ def iteration_tournament(cfg: "Config", run: RunDir, held_out: list[dict], t: in
     task = ray.remote(judge_tournament).options(num_cpus=e.num_cpus, num_gpus=e.num_gpus)
     ref = task.remote(
         cfg.judge, str(run.policy(0)), cfg.model.trust_remote_code, held_out, answers,
-        [f"π_{s}" for s in range(t + 1)], str(run.timeline_parts(t)),
+        [f"π_{s}" for s in range(t + 1)], str(run.timeline_parts(t if timeline_t is None else timeline_t)), judges.clients() if judges is not None else None,
     )
     record = get_within(ref, cfg.run.timeouts.eval_s, f"the tournament of {run.iter_dir(t).name}")
     run.write_json(run.iteration(t).tournament, record)

@@ -319,8 +319,8 @@ def test_colocated_placement_counts_the_larger_phase_not_the_sum():
     with pytest.raises(ValueError, match="reserve 10 GPUs"):
         compose_validated(shared + ["cluster.colocate=false"])
     with pytest.raises(ValueError, match="reserve 12 GPUs"):  # whole-GPU engines leave the learner no room
-        compose_validated(shared + ["cluster.colocate=true", "learner.persistent=false", "cluster.rollout.num_actors=4", "cluster.rollout.num_gpus=1", "cluster.learner.gpus_per_worker=1"])
-    _, cfg = compose_validated(shared + ["cluster.colocate=true", "learner.persistent=false"])
+        compose_validated(shared + ["cluster.colocate=true", "learner.persistent=false", "evaluate.overlap=false", "cluster.rollout.num_actors=4", "cluster.rollout.num_gpus=1", "cluster.learner.gpus_per_worker=1"])
+    _, cfg = compose_validated(shared + ["cluster.colocate=true", "learner.persistent=false", "evaluate.overlap=false"])
     assert cfg.cluster.colocate
 
 

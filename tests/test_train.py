@@ -19,7 +19,7 @@ class _Killed(Exception):
     """The driver dies here."""
 
 
-def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=None, learner=None) -> dict:
+def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=None, learner=None, judges=None) -> dict:
     """What a finished train stage leaves: π_t, the summary, the step records, a step checkpoint."""
     it = run.iter_dir(t)
     (it / "policy").mkdir(parents=True)
@@ -32,7 +32,12 @@ def _fake_stream_and_train(cfg, run: RunDir, prompts, policy, t: int, engines=No
     return summary
 
 
-def _fake_evaluate(cfg, run: RunDir, held_out, policy, t: int, engines=None) -> dict:
+def _fake_submit(cfg, run: RunDir, held_out, policy, t: int, engines=None, judges=None, timeline_t=None):
+    return ("evaluation", t, timeline_t)  # the Ray task's stand-in: what collect is given
+
+
+def _fake_collect(cfg, run: RunDir, held_out, t: int, ref) -> dict:
+    assert ref[:2] == ("evaluation", t)
     run.write_json(f"iter_{t}/answers.json", {"answers": [f"answer {t}"] * len(held_out), "lengths": [3] * len(held_out)})
     return {"win_rate": 0.5, "win_rate_ci": [0.4, 0.6], "avg_length": 3.0, "wins": 1, "ties": 0, "losses": 1, "judge_nan": 0, "n": 2}
 
@@ -47,8 +52,10 @@ def stubbed(monkeypatch, tmp_path):
     monkeypatch.setattr(train, "start_engines", lambda cfg, policy, t: SimpleNamespace(shutdown=lambda: None, load=lambda p: [{"how": "storage", "seconds": 0.0}]))
     monkeypatch.setattr(train, "start_learner", lambda cfg, run: None)
     monkeypatch.setattr(train, "stream_and_train", _fake_stream_and_train)
-    monkeypatch.setattr(train, "evaluate", _fake_evaluate)
-    monkeypatch.setattr(train, "iteration_tournament", lambda cfg, run, held_out, t: {})  # a Ray task (tests/test_tournament.py)
+    monkeypatch.setattr(train, "start_judges", lambda cfg: None)
+    monkeypatch.setattr(train, "submit_evaluation", _fake_submit)
+    monkeypatch.setattr(train, "collect_evaluation", _fake_collect)
+    monkeypatch.setattr(train, "iteration_tournament", lambda cfg, run, held_out, t, judges=None, timeline_t=None: {})  # a Ray task (tests/test_tournament.py)
     monkeypatch.setattr(train, "write_report", lambda run, summary, examples: run.path / "report.md")
     _, cfg = compose(["experiment=tiny", f"run.dir={tmp_path / 'run'}", "run.iterations=1"])
     return cfg
@@ -81,7 +88,7 @@ def test_the_step_checkpoints_are_removed_once_train_is_done_and_pi_t_is_kept(st
         if site == "driver_after_train":
             raise _Killed
 
-    def killed_in_eval(cfg, run: RunDir, held_out, policy, t: int, engines) -> dict:
+    def killed_in_eval(cfg, run: RunDir, held_out, t: int, ref) -> dict:
         raise _Killed
 
     with monkeypatch.context() as m:
@@ -90,12 +97,44 @@ def test_the_step_checkpoints_are_removed_once_train_is_done_and_pi_t_is_kept(st
             train.run_sppo(stubbed)
     checkpoints = RunDir(stubbed.run.dir).iter_dir(1) / "checkpoints"
     with monkeypatch.context() as m:
-        m.setattr(train, "evaluate", killed_in_eval)
+        m.setattr(train, "collect_evaluation", killed_in_eval)
         with pytest.raises(_Killed):  # the restart skips train and dies in eval
             train.run_sppo(stubbed)
     run = RunDir(stubbed.run.dir)
     assert run.done(1, "train") and run.policy(1).is_dir()
     assert not checkpoints.exists()
+
+
+def test_with_evaluate_overlap_pi_t_is_evaluated_beside_the_next_stream_and_a_restart_keeps_the_order(stubbed, monkeypatch):
+    _, cfg = compose(["experiment=tiny", f"run.dir={stubbed.run.dir}", "run.iterations=3", "evaluate.overlap=true"])
+    events: list[tuple] = []
+    submit, collect, stream = _fake_submit, _fake_collect, _fake_stream_and_train
+    monkeypatch.setattr(train, "submit_evaluation", lambda *a, **k: events.append(("submit", a[4], k.get("timeline_t"))) or submit(*a, **k))
+    monkeypatch.setattr(train, "collect_evaluation", lambda *a: events.append(("collect", a[3])) or collect(*a))
+
+    def killed_in_stream_3(cfg, run, prompts, policy, t, *rest):
+        if t == 3:
+            raise _Killed
+        events.append(("train", t))
+        return stream(cfg, run, prompts, policy, t, *rest)
+
+    monkeypatch.setattr(train, "stream_and_train", killed_in_stream_3)
+    with pytest.raises(_Killed):
+        train.run_sppo(cfg)
+    # π_0's answers first (the run's set-up); π_1's evaluation is submitted at iteration 2's
+    # start, in its timeline, and collected after its stream; the driver dies in stream 3.
+    assert events == [("submit", 0, None), ("collect", 0), ("train", 1), ("submit", 1, 2), ("train", 2), ("collect", 1), ("submit", 2, 3)]
+    run = RunDir(cfg.run.dir)
+    assert run.done(1, "eval") and run.done(2, "train") and not run.done(2, "eval")
+    first = [m for m in run.metrics() if m["kind"] == "iteration"]
+    assert [(m["iteration"], m["eval_overlapped"]) for m in first] == [(1, True)]
+
+    events.clear()
+    monkeypatch.setattr(train, "stream_and_train", lambda *a: events.append(("train", a[4])) or stream(*a))
+    train.run_sppo(cfg)  # the same command again: π_2's evaluation is still pending; it runs beside stream 3
+    assert events == [("submit", 2, 3), ("train", 3), ("collect", 2), ("submit", 3, None), ("collect", 3)]
+    records = [m for m in run.metrics() if m["kind"] == "iteration"]
+    assert [(m["iteration"], m["eval_overlapped"]) for m in records] == [(1, True), (2, True), (3, False)]
 
 
 def test_slices_that_wrap_around_the_training_prompts_are_warned_about_and_reported(tmp_path, caplog):

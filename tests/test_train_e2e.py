@@ -112,3 +112,26 @@ def test_two_iterations_write_the_run_directory_and_resume(ray_session, tmp_path
     # a finished run started again does nothing but rewrite the report
     out3 = _train(run, "run.iterations=2", "evaluate.judge=length")
     assert "streaming" not in out3 and json.loads((run / "manifest.json").read_text()) == manifest
+
+
+def test_evaluate_overlap_answers_pi_1_beside_iteration_2s_stream(ray_session, tmp_path):
+    run = tmp_path / "run"
+    # the evaluation task's CPU beside the stream's pools: 0.25 leaves Ray a whole CPU free
+    out = _train(run, "run.iterations=2", "evaluate.overlap=true", "cluster.evaluate.num_cpus=0.25")
+    assert "[spo_ray] iteration 1:" in out and "[spo_ray] iteration 2:" in out
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    iterations = {r["iteration"]: r for r in records if r["kind"] == "iteration"}
+    assert iterations[1]["eval_overlapped"] and not iterations[2]["eval_overlapped"]
+    first, second = (json.loads((run / f"iter_{t}" / "timeline.json").read_text()) for t in (1, 2))
+    for timeline in (first, second):
+        assert_invariants(timeline)
+    # iteration 1 ends with π_1 on the engines; its evaluation and tournament are iteration 2's
+    assert "evaluation" not in {s["name"] for s in first["stages"]}
+    # π_1's evaluation was submitted with iteration 2's stream, before its learner finished
+    # (when Ray runs the task depends on the machine's load: not asserted), and iteration 2
+    # holds both evaluations: π_1's beside the stream, π_2's after it
+    stage = {s["name"]: s for s in second["stages"]}
+    assert stage["eval_start"]["start_s"] < stage["learner_step"]["end_s"], second
+    assert len(stage["evaluation"]["intervals"]) >= 2 and len(stage["tournament"]["intervals"]) == 2
+    ev = json.loads((run / "iter_1" / "eval.json").read_text())
+    assert ev["n"] == 8 and json.loads((run / "iter_1" / "tournament.json").read_text())["policies"] == ["π_0", "π_1"]
