@@ -15,6 +15,12 @@ on two responses). No public measurement gives these ratios; pass your own with
 
     python benchmarks/overlap.py --out benchmarks/results/overlap_cpu.json
     python benchmarks/overlap.py --simulate --out benchmarks/results/overlap_simulated.json
+
+Each mode is timed as a run's later iteration sees it (default, `--learner persistent`):
+one persistent learner (spo_ray/learner/persistent.py) trains three iterations, a warm-up
+that pays the workers', DeepSpeed's and the models' start untimed, then sequential, then
+streamed. `--learner per-iteration` times each mode with its own TorchTrainer, start-up
+included (how every iteration ran before the persistent learner).
 """
 
 from __future__ import annotations
@@ -82,31 +88,70 @@ class SimulatedJudge:
         return [self.pairwise_logits(p, r) for p, r in zip(prompts, responses)]
 
 
-def run_once(cfg, policy: str, prompts: list[dict], mode: str, args) -> float:
+def pair_stream(cfg, policy: str, prompts: list[dict], mode: str, args):
+    """The iteration's pairs: streamed (lazy), or sequential (generated, then judged, all of
+    it, before the learner gets a row)."""
+    from spo_ray.judge import build_judge
     from spo_ray.pipeline import judge_stream, rollout_stream
     from spo_ray.rollout.factory import make_engine
-    from spo_ray.judge import build_judge
-    from spo_ray.run_dir import RunDir
-    from spo_ray.train import make_trainer
 
     engine_factory = partial(SimulatedEngine, batch_s=args.gen_s) if args.simulate else make_engine
     judge_factory = partial(SimulatedJudge, batch_s=args.judge_s) if args.simulate else build_judge
-    extra = {"step": SimulatedStep(args.train_s)} if args.simulate else {}
-    run = RunDir(tempfile.mkdtemp(prefix=f"overlap-{mode}-"))
-    start = time.time()
     rollouts = rollout_stream(cfg, prompts, policy, 1, engine_factory)
     if mode == "sequential":
         rollouts = rollouts.materialize()  # generate all ...
-        pairs = judge_stream(cfg, rollouts, policy, 1, judge_factory).materialize()  # ... then judge all
-    else:
-        pairs = judge_stream(cfg, rollouts, policy, 1, judge_factory)
-    result = make_trainer(cfg, run, pairs, policy, 1, len(prompts), **extra).fit()  # ... then train
+        return judge_stream(cfg, rollouts, policy, 1, judge_factory).materialize()  # ... then judge all
+    return judge_stream(cfg, rollouts, policy, 1, judge_factory)
+
+
+def step_extra(args) -> dict:
+    return {"step": SimulatedStep(args.train_s)} if args.simulate else {}
+
+
+def check_rows(run, t: int, prompts: list[dict]) -> None:
+    summary = run.read_json(run.iteration(t).learner_summary)
+    assert summary["rows"] == len(prompts), summary
+
+
+def run_once(cfg, policy: str, prompts: list[dict], mode: str, args) -> float:
+    """One mode with its own TorchTrainer (`--learner per-iteration`), start-up included."""
+    from spo_ray.run_dir import RunDir
+    from spo_ray.train import make_trainer
+
+    run = RunDir(tempfile.mkdtemp(prefix=f"overlap-{mode}-"))
+    start = time.time()
+    pairs = pair_stream(cfg, policy, prompts, mode, args)
+    result = make_trainer(cfg, run, pairs, policy, 1, len(prompts), **step_extra(args)).fit()  # ... then train
     if result.error:
         raise result.error
     elapsed = time.time() - start
-    summary = run.read_json(run.iteration(1).learner_summary)
-    assert summary["rows"] == len(prompts), summary
+    check_rows(run, 1, prompts)
     return elapsed
+
+
+def run_warm(cfg, policy: str, prompts: list[dict], args) -> dict[str, float]:
+    """Both modes as iterations 2 and 3 of one persistent learner, after an untimed warm-up
+    iteration: seconds from the iteration's stream to its last step, per mode."""
+    from spo_ray.run_dir import RunDir
+    from spo_ray.train import loop_config, start_learner
+
+    run = RunDir(tempfile.mkdtemp(prefix="overlap-warm-"))
+    learner = start_learner(cfg, run)
+    seconds: dict[str, float] = {}
+    try:
+        for t, mode in enumerate(("warm-up", "sequential", "streamed"), start=1):
+            run.prepare_train(t)
+            start = time.time()
+            pairs = partial(pair_stream, cfg, policy, prompts, "sequential" if mode == "sequential" else "streamed", args)
+            error = learner.train(loop_config(cfg, run, policy, t, len(prompts), **step_extra(args)), pairs)
+            if error is not None:
+                raise error
+            seconds[mode] = time.time() - start
+            check_rows(run, t, prompts)
+            print(f"[overlap] {mode}: {seconds[mode]:.1f}s", flush=True)
+    finally:
+        learner.close()
+    return seconds
 
 
 def main() -> None:
@@ -117,6 +162,8 @@ def main() -> None:
     parser.add_argument("--gen-s", type=float, default=1.0, help="--simulate: seconds per rollout batch")
     parser.add_argument("--judge-s", type=float, default=0.5, help="--simulate: seconds per judge batch")
     parser.add_argument("--train-s", type=float, default=0.8, help="--simulate: seconds per learner step")
+    parser.add_argument("--learner", choices=("persistent", "per-iteration"), default="persistent",
+                        help="persistent: both modes as warm iterations of one learner; per-iteration: a TorchTrainer each, start-up timed")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -138,12 +185,17 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    sequential = run_once(cfg, policy, prompts, "sequential", args)
-    streamed = run_once(cfg, policy, prompts, "streamed", args)
+    if args.learner == "persistent":
+        warm = run_warm(cfg, policy, prompts, args)
+        sequential, streamed = warm["sequential"], warm["streamed"]
+    else:
+        sequential = run_once(cfg, policy, prompts, "sequential", args)
+        streamed = run_once(cfg, policy, prompts, "streamed", args)
     ray.shutdown()
 
     figures = {
         "mode": "simulate" if args.simulate else "real",
+        "learner": args.learner,
         "prompts": args.prompts,
         "batch": b,
         "sequential_s": round(sequential, 2),
