@@ -430,10 +430,10 @@ def finish_iteration(
     iteration whose stream the evaluation ran beside (evaluate.overlap); its timeline then
     holds the evaluation and the tournament, and iteration t's ends when π_t was synced."""
     t = it.t
-    submitted = time.time()
+    waiting = time.time()
     evaluation = collect_evaluation(cfg, run, prompts.held_out, t, it.evaluation)
     iteration_tournament(cfg, run, prompts.held_out, t, judges, timeline_t)  # every pair of π_0 … π_t: iter_t/tournament.json
-    eval_s = time.time() - submitted
+    eval_s = time.time() - waiting  # what evaluation and tournament added after training (overlapped: after the next stream)
     timeline = write_timeline(run, t, it.start, it.synced if timeline_t is not None else None)
     summary = run.read_json(run.iteration(t).learner_summary)
     steps = run.read_jsonl(run.iteration(t).train_metrics)
