@@ -125,7 +125,10 @@ def test_missing_vllm_names_the_extra(monkeypatch, tokenizer_dir):
 
 @pytest.mark.parametrize("colocate", [False, True])
 def test_from_config_builds_llm_from_conf(fake_vllm, tokenizer_dir, colocate):
-    _, cfg = compose(["experiment=mistral7b_sppo", f"cluster.colocate={str(colocate).lower()}", f"learner.persistent={str(not colocate).lower()}"])
+    _, cfg = compose([
+        "experiment=mistral7b_sppo", f"cluster.colocate={str(colocate).lower()}",
+        f"learner.persistent={str(not colocate).lower()}", f"evaluate.overlap={str(not colocate).lower()}",
+    ])
     engine = VLLMEngine.from_config(cfg, tokenizer_dir)
     r = cfg.rollout
     assert LLM.built[0].kwargs == dict(

@@ -93,7 +93,7 @@ def fresh(path: str) -> list[list[str]]:
     return _FRESH[path]
 
 
-def wait_gone(pids: set[int], timeout_s: float = 20) -> bool:
+def wait_gone(pids: set[int], timeout_s: float = 60) -> bool:  # a loaded 2-CPU machine took over 20 s
     deadline = time.monotonic() + timeout_s
     while engine_core_pids() & pids and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -101,7 +101,12 @@ def wait_gone(pids: set[int], timeout_s: float = 20) -> bool:
 
 
 def engine_core_pids() -> set[int]:
-    return {p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM::")}
+    """vLLM's EngineCore and worker processes that still run (an exited one not yet reaped
+    by its parent, a zombie, holds no memory: it is gone)."""
+    return {
+        p.pid for p in psutil.process_iter(["name", "status"])
+        if (p.info["name"] or "").startswith("VLLM::") and p.info["status"] != psutil.STATUS_ZOMBIE
+    }
 
 
 # ----------------------------------------------------------------------------- generation
