@@ -14,6 +14,8 @@ The levers are applied one after another, each on top of the previous:
     zero0            ZeRO stage 0: a single worker has nothing to partition
     fused_adamw      torch's fused AdamW kernel
     response_logits  LM head and log-softmax only on the positions that score a response
+    shared_prompt    one sequence per pair: the prompt once, then chosen and rejected
+                     (`learner.shared_prompt`, a custom attention mask; the default)
     bf16_reference   the frozen reference in bf16 (`learner.reference_dtype=auto` picks it
                      only where bf16 matmuls are fast: AMX CPUs, GPUs)
 
@@ -70,6 +72,7 @@ class Lever:
     fused_adamw: bool
     response_logits_only: bool
     reference_dtype: str
+    shared_prompt: bool = False
 
 
 LEVERS = {
@@ -77,7 +80,8 @@ LEVERS = {
     "zero0": Lever("ZeRO stage 0 (one worker)", None, False, False, "float32"),
     "fused_adamw": Lever("fused AdamW", None, True, False, "float32"),
     "response_logits": Lever("LM head on response positions only", None, True, True, "float32"),
-    "bf16_reference": Lever("bf16 reference forward", None, True, True, "bfloat16"),
+    "shared_prompt": Lever("the prompt once per pair", None, True, True, "float32", True),
+    "bf16_reference": Lever("bf16 reference forward", None, True, True, "bfloat16", True),
 }
 
 
@@ -105,7 +109,8 @@ def pair_rows(tokenizer, n: int, response_tokens: int, seed: int = 0) -> list[di
 
 
 def run_lever(lever: Lever, policy: str, rows: list[dict], steps: int, overrides: tuple[str, ...] = ()) -> dict:
-    cfg = compose_cfg([f"learner.reference_dtype={lever.reference_dtype}", *overrides])
+    cfg = compose_cfg([f"learner.reference_dtype={lever.reference_dtype}", f"learner.shared_prompt={lever.shared_prompt}",
+                       *overrides])
     l = cfg.learner
     ds_config = build_deepspeed_config(l, world_size=1)
     if lever.zero_stage is not None:  # as the step ran before on one worker: the preset's stage
@@ -176,7 +181,7 @@ def main() -> None:
     lengths = collate_pairs(rows, tokenizer, cfg.learner.max_length, cfg.learner.max_prompt_length)["attention_mask"].sum(1)
     configs = {name: LEVERS[name] for name in args.levers}
     if args.trl_python:  # ours on TRL's loss and work (fp32 reference), for the loss curves
-        configs["ours_sppo_hard"] = dataclasses.replace(LEVERS["response_logits"], description="all levers but the bf16 reference, loss sppo_hard")
+        configs["ours_sppo_hard"] = dataclasses.replace(LEVERS["shared_prompt"], description="all levers but the bf16 reference, loss sppo_hard")
     runs: dict[str, list[dict]] = {name: [] for name in [*configs, *(["trl"] if args.trl_python else [])]}
     for round_ in range(args.rounds):  # round-robin, so that the machine's slow spells spread over all
         if args.trl_python:

@@ -57,6 +57,9 @@ def main(job_path: str, out_path: str) -> None:
             loss_type=["sppo_hard"], max_steps=job["steps"], lr_scheduler_type="linear", warmup_steps=0,
             weight_decay=0.0, max_grad_norm=job["grad_clip"], max_length=job["max_length"], logging_steps=1,
             save_strategy="no", report_to=[], use_cpu=True, dataloader_num_workers=0, seed=0,
+            # TRL's own defaults differ from TrainingArguments' here (bf16 autocast, activation
+            # checkpointing on); spo_ray's side runs fp32 without checkpointing, so does TRL's.
+            bf16=False, gradient_checkpointing=False,
         )
         trainer = InOrder(model=model, ref_model=reference, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer])

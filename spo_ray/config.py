@@ -13,7 +13,7 @@ from typing import List, Optional
 
 from omegaconf import MISSING
 
-from spo_ray.dtypes import TORCH_DTYPES
+from spo_ray.dtypes import TORCH_DTYPES, cpu_has_fast_bf16
 from spo_ray.placement import ClusterConfig, LearnerPlacement, PoolConfig  # noqa: F401 - part of the schema
 from spo_ray.sections import Section, one_of, positive
 from spo_ray.sppo import LOSS_TYPES
@@ -69,7 +69,7 @@ class RolloutConfig(Section):
     top_p: float = MISSING
     max_new_tokens: int = MISSING
     batch_size: int = MISSING
-    dtype: Optional[str] = MISSING  # the engines' weights (samples and evaluation answers); None: model.dtype
+    dtype: Optional[str] = MISSING  # the engines' weights (samples and evaluation answers); None: model.dtype; auto: by hardware (engine_dtype)
     # vLLM only (engine: vllm)
     tensor_parallel_size: int = MISSING
     gpu_memory_utilization: float = MISSING
@@ -98,7 +98,7 @@ class RolloutConfig(Section):
         positive("rollout.max_new_tokens", self.max_new_tokens)
         positive("rollout.batch_size", self.batch_size)
         if self.dtype is not None:
-            one_of("rollout.dtype", self.dtype, DTYPES)
+            one_of("rollout.dtype", self.dtype, (*DTYPES, "auto"))
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"rollout.kv_cache_gb must be > 0 (or null on GPUs), got {self.kv_cache_gb}")
         if self.cpu_bind not in ("all", "auto", "nobind") and not re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", self.cpu_bind):
@@ -183,6 +183,7 @@ class LearnerConfig(Section):
     max_failures: int = MISSING  # worker-group restarts Ray Train may make per iteration
     num_threads: Optional[int] = MISSING  # CPU learner workers: torch threads (None: Ray's OMP_NUM_THREADS)
     persistent: bool = MISSING  # one Ray Train run for the whole run (spo_ray/learner/persistent.py), else one per iteration
+    shared_prompt: bool = MISSING  # a pair's prompt run once for both responses (spo_ray.data.schema.collate_shared_pairs)
 
     def __post_init__(self) -> None:
         one_of("learner.loss", self.loss, LOSS_TYPES)
@@ -397,5 +398,10 @@ class Config(Section):
 
 
 def engine_dtype(cfg: Config) -> str:
-    """The rollout engines' weight dtype: `rollout.dtype`, else `model.dtype` (the saved policies')."""
+    """The rollout engines' weight dtype: `rollout.dtype`, else `model.dtype` (the saved
+    policies'). `auto`: bfloat16 for engines on GPUs or on a CPU with bf16 in hardware
+    (`spo_ray.dtypes.cpu_has_fast_bf16`, read on the machine that asks: a CPU cluster's
+    nodes are taken to be of one kind), else float32."""
+    if cfg.rollout.dtype == "auto":
+        return "bfloat16" if cfg.cluster.rollout.num_gpus > 0 or cpu_has_fast_bf16() else "float32"
     return cfg.rollout.dtype or cfg.model.dtype

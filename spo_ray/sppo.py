@@ -31,6 +31,7 @@ import torch.nn.functional as F
 __all__ = [
     "LOSS_TYPES",
     "PairChoice",
+    "indexed_logps",
     "preference_loss",
     "select_pair",
     "sequence_logps",
@@ -85,6 +86,46 @@ def sequence_logps(
         # where, not multiply: an unscored position with -inf logits must not give NaN.
         per_sequence.append(torch.where(row_mask, token_logps, 0.0).sum())
     if not per_sequence:  # B == 0
+        return logits.new_zeros(0, dtype=torch.float32)
+    return torch.stack(per_sequence)
+
+
+def indexed_logps(
+    logits: torch.Tensor,
+    rows: torch.Tensor,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """Σ_w mask[s, w] · log softmax(logits[rows[s], sources[s, w]])[targets[s, w]], per s.
+
+    `sequence_logps` for sequences that do not lie one token after another in a row of
+    logits: several scored sequences may read one row (a prompt shared by the chosen and
+    the rejected response, spo_ray.data.schema.collate_shared_pairs), and one position may
+    score a token of each (the prompt's last position predicts both responses' first token).
+
+    Args:
+        logits: [B, L, V] causal-LM logits (any float dtype).
+        rows: [S] the logits row each scored sequence reads.
+        sources: [S, W] the position in that row whose logits score token w.
+        targets: [S, W] the token ids scored.
+        mask: [S, W] 1 where (sources, targets) is a token to count; elsewhere the entries
+            are never read for the sum (they must still index inside logits).
+
+    Returns:
+        [S] float32. The log-softmax is computed in float32, one scored sequence at a time.
+    """
+    if logits.dim() != 3 or sources.shape != targets.shape or sources.shape != mask.shape:
+        raise ValueError(
+            f"logits must be [B, L, V] and sources, targets, mask one [S, W] shape; got logits "
+            f"{tuple(logits.shape)}, sources {tuple(sources.shape)}, targets {tuple(targets.shape)}, mask {tuple(mask.shape)}"
+        )
+    per_sequence = []
+    for row, source, target, keep in zip(rows.tolist(), sources, targets, mask.bool()):
+        picked = logits[row, source].float()  # [W, V]
+        token_logps = picked.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(picked, dim=-1)
+        per_sequence.append(torch.where(keep, token_logps, 0.0).sum())
+    if not per_sequence:
         return logits.new_zeros(0, dtype=torch.float32)
     return torch.stack(per_sequence)
 

@@ -28,7 +28,7 @@ import ray
 from omegaconf import DictConfig, OmegaConf
 
 from spo_ray.compose import judge_preset, register_configs, validate
-from spo_ray.config import Config
+from spo_ray.config import Config, engine_dtype
 from spo_ray.faults import fault_env, maybe_fail
 from spo_ray.learner.deepspeed_config import zero_stage
 from spo_ray.data.prompts import PromptReuse, iteration_prompts, load_prompts, prompt_reuse, split_prompts
@@ -319,7 +319,7 @@ def start_engines(cfg: Config, policy_path: str, t: int) -> RolloutEngines:
     start = time.time()
     engines = RolloutEngines(cfg, policy_path)
     engines.wait_started(t, cfg)
-    print(f"[spo_ray] {len(engines.actors)} rollout engine(s) ({cfg.rollout.engine}) up in {time.time() - start:.1f}s", flush=True)
+    print(f"[spo_ray] {len(engines.actors)} rollout engine(s) ({cfg.rollout.engine}, {engine_dtype(cfg)}) up in {time.time() - start:.1f}s", flush=True)
     return engines
 
 

@@ -45,12 +45,19 @@ def test_a_vllm_engine_holds_as_many_gpus_as_its_tensor_parallel_workers():
     assert cfg.cluster.rollout.num_gpus == 2
 
 
-def test_the_engines_dtype_is_rollout_dtype_else_the_models(tiny_policy):
+def test_the_engines_dtype_is_rollout_dtype_else_the_models(tiny_policy, monkeypatch):
+    from spo_ray import config as config_module
     from spo_ray.config import engine_dtype
     from spo_ray.rollout.factory import make_engine
 
-    _, demo = compose([])  # the default experiment: vLLM's CPU build samples in bf16, policies stay float32
-    assert (demo.rollout.engine, engine_dtype(demo), demo.model.dtype) == ("vllm", "bfloat16", "float32")
+    _, demo = compose([])  # the default experiment: vLLM's CPU build, bf16 where the CPU has it in hardware
+    assert (demo.rollout.engine, demo.rollout.dtype, demo.model.dtype) == ("vllm", "auto", "float32")
+    monkeypatch.setattr(config_module, "cpu_has_fast_bf16", lambda: True)
+    assert engine_dtype(demo) == "bfloat16"
+    monkeypatch.setattr(config_module, "cpu_has_fast_bf16", lambda: False)
+    assert engine_dtype(demo) == "float32"  # AVX2 only: bf16 is emulated, 3.3× slower
+    _, gpu = compose(["experiment=mistral7b_sppo", "rollout.dtype=auto"])
+    assert engine_dtype(gpu) == "bfloat16"
     _, hf = compose(["rollout=hf"])
     assert hf.rollout.dtype is None and engine_dtype(hf) == "float32"
     _, tiny = compose(["experiment=tiny", "rollout.dtype=bfloat16"])

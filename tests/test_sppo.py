@@ -22,6 +22,7 @@ from spo_ray import sppo
 from spo_ray.sppo import (
     LOSS_TYPES,
     PairChoice,
+    indexed_logps,
     preference_loss,
     select_pair,
     sequence_logps,
@@ -78,6 +79,42 @@ def test_sequence_logps_hand_built_logits() -> None:
     mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1]])
     out = sequence_logps(logits, labels, mask)
     torch.testing.assert_close(out, torch.tensor([-1.791759469228055, -2.4849066497880004]))
+
+
+def test_indexed_logps_two_sequences_reading_one_row_by_hand() -> None:
+    """V = 2, one row of logits read by two scored sequences (a shared prompt's layout).
+
+    logits[0] = [0, ln 3]  → softmax [1/4, 3/4]
+    logits[1] = [ln 2, 0]  → softmax [2/3, 1/3]
+    logits[2] = [0, 0]     → softmax [1/2, 1/2]
+    Sequence 0 (row 0): positions [0, 1], targets [1, 0], mask [1, 1]:
+        ln(3/4) + ln(2/3) = ln(1/2) = −0.6931471805599453
+    Sequence 1 (row 0): positions [0, 2], targets [0, 1], mask [1, 0] — position 0 again
+        (both responses' first token), the masked entry never counts: ln(1/4) = −1.3862943611198906
+    """
+    logits = torch.tensor([[[0.0, LN3], [LN2, 0.0], [0.0, 0.0]]])
+    out = indexed_logps(
+        logits,
+        rows=torch.tensor([0, 0]),
+        sources=torch.tensor([[0, 1], [0, 2]]),
+        targets=torch.tensor([[1, 0], [0, 1]]),
+        mask=torch.tensor([[1, 1], [1, 0]]),
+    )
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([-0.6931471805599453, -1.3862943611198906]))
+
+
+def test_indexed_logps_equals_sequence_logps_on_consecutive_tokens() -> None:
+    """Sources t − 1 and targets labels_t: the same sums as `sequence_logps`."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 5)
+    labels = torch.randint(0, 5, (2, 6))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]])
+    sources = torch.arange(5).expand(2, 5)
+    out = indexed_logps(logits, torch.tensor([0, 1]), sources, labels[:, 1:], mask[:, 1:])
+    torch.testing.assert_close(out, sequence_logps(logits, labels, mask))
+    with pytest.raises(ValueError, match="sources, targets, mask"):
+        indexed_logps(logits, torch.tensor([0]), sources[:1], labels[:1, 1:], mask)
 
 
 def test_sequence_logps_scores_token_t_with_logits_t_minus_1() -> None:

@@ -161,6 +161,98 @@ def collate_pairs(
     stand-in with `valid` 0 — the learner gives it weight 0 — and, unless the row was
     already a counted skip, is counted as `stats.reasons["tokenize_error"]`.
     """
+    encoded, valid = _encode_rows(rows, tokenizer, max_length, max_prompt_length, stats)
+    seqs = [e[0] for e in encoded] + [e[2] for e in encoded]
+    masks = [e[1] for e in encoded] + [e[3] for e in encoded]
+    width = max(len(s) for s in seqs)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(zip(seqs, masks)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention[i, : len(ids)] = 1
+        loss_mask[i, : len(mask)] = torch.tensor(mask)
+    return {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask, **_pair_targets(rows, valid)}
+
+
+def collate_shared_pairs(
+    rows: Sequence[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    max_prompt_length: int,
+    stats: TokenStats | None = None,
+) -> dict[str, torch.Tensor]:
+    """Tokenize pair rows as `collate_pairs` does, but one sequence per pair: the prompt
+    once, then the chosen response, then the rejected one (B sequences, right-padded).
+
+    The rejected response attends to the prompt and itself, never to the chosen response,
+    and its positions restart where the prompt ends, so every token sees exactly what it
+    would see in `collate_pairs`'s two sequences and the model runs over the prompt once
+    instead of twice. Returns:
+
+    - `input_ids`, `position_ids`: [B, T];
+    - `attention_mask`: [B, 1, T, T] bool, True where a query may attend to a key (causal,
+      rejected ↛ chosen; a padding position attends to itself only);
+    - `score_positions`, `score_targets`, `score_mask`: [2B, W] — rows 0..B−1 the chosen
+      responses, B..2B−1 the rejected ones: which position's logits score which token of
+      sequence b = row mod B (`spo_ray.sppo.indexed_logps`); the same tokens, incl. EOS,
+      that `collate_pairs`'s `loss_mask` marks;
+    - `chosen_probs_win`, `chosen_probs_lose`, `valid`: as `collate_pairs`.
+    """
+    encoded, valid = _encode_rows(rows, tokenizer, max_length, max_prompt_length, stats)
+    n = len(encoded)
+    packed, segments, positions, scored = [], [], [], [[] for _ in range(2 * n)]
+    for b, (chosen_ids, chosen_mask, rejected_ids, rejected_mask) in enumerate(encoded):
+        p = len(chosen_mask) - sum(chosen_mask)  # prompt tokens: the mask is 0 on them, then 1
+        chosen, rejected = chosen_ids[p:], rejected_ids[p:]
+        packed.append(chosen_ids + rejected)
+        segments.append([0] * p + [1] * len(chosen) + [2] * len(rejected))
+        positions.append(list(range(p + len(chosen))) + list(range(p, p + len(rejected))))
+        # Token j of a response is scored by the logits of the token before it in its own
+        # sequence: the prompt's last position for j = 0 (none if the prompt is empty).
+        scored[b] = [(p + j - 1, t) for j, t in enumerate(chosen) if p + j >= 1]
+        rejected_at = p + len(chosen)
+        scored[n + b] = [(p - 1 if j == 0 else rejected_at + j - 1, t) for j, t in enumerate(rejected) if p + j >= 1]
+    width = max(len(s) for s in packed)
+    input_ids = torch.full((n, width), tokenizer.pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)  # -1: padding
+    for b, (ids, seg, pos) in enumerate(zip(packed, segments, positions)):
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        segment[b, : len(seg)] = torch.tensor(seg)
+        position_ids[b, : len(pos)] = torch.tensor(pos)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    same_or_prompt = (key == 0) | (key == query)
+    real = (query >= 0) & (key >= 0)
+    diagonal = torch.eye(width, dtype=torch.bool)
+    attention = (causal & same_or_prompt & real) | diagonal
+    score_width = max(1, max(len(s) for s in scored))
+    score_positions = torch.zeros((2 * n, score_width), dtype=torch.long)
+    score_targets = torch.zeros((2 * n, score_width), dtype=torch.long)
+    score_mask = torch.zeros((2 * n, score_width), dtype=torch.long)
+    for s, pairs in enumerate(scored):
+        if pairs:
+            score_positions[s, : len(pairs)] = torch.tensor([src for src, _ in pairs])
+            score_targets[s, : len(pairs)] = torch.tensor([t for _, t in pairs])
+            score_mask[s, : len(pairs)] = 1
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": attention[:, None],
+        "score_positions": score_positions,
+        "score_targets": score_targets,
+        "score_mask": score_mask,
+        **_pair_targets(rows, valid),
+    }
+
+
+def _encode_rows(
+    rows: Sequence[dict], tokenizer: PreTrainedTokenizerBase, max_length: int, max_prompt_length: int, stats: TokenStats | None
+) -> tuple[list[tuple[list[int], list[int], list[int], list[int]]], list[float]]:
+    """`_encode_row` for every row, with a one-token stand-in (valid 0) for a row the
+    tokenizer fails on, counted as `tokenize_error` unless the row was a skip already."""
     stats = stats if stats is not None else TokenStats()
     encoded, valid = [], []
     for row in rows:
@@ -173,21 +265,11 @@ def collate_pairs(
             valid.append(0.0)
             if not row.get("skip_reason"):
                 stats.reasons["tokenize_error"] = stats.reasons.get("tokenize_error", 0) + 1
-    seqs = [e[0] for e in encoded] + [e[2] for e in encoded]
-    masks = [e[1] for e in encoded] + [e[3] for e in encoded]
-    width = max(len(s) for s in seqs)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    loss_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (ids, mask) in enumerate(zip(seqs, masks)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        loss_mask[i, : len(mask)] = torch.tensor(mask)
+    return encoded, valid
+
+
+def _pair_targets(rows: Sequence[dict], valid: list[float]) -> dict[str, torch.Tensor]:
     return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "loss_mask": loss_mask,
         "chosen_probs_win": torch.tensor([float(r["chosen_probs_win"]) for r in rows], dtype=torch.float32),
         "chosen_probs_lose": torch.tensor([float(r["chosen_probs_lose"]) for r in rows], dtype=torch.float32),
         "valid": torch.tensor(valid, dtype=torch.float32),

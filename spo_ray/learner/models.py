@@ -77,21 +77,12 @@ def reference_dtype(cfg: LearnerConfig, device: torch.device) -> str:
     own (bfloat16 with `learner.bf16`, else float32). A bf16 reference beside a float32
     policy is opt-in: on SmolLM2-135M it moved the loss by up to 1.9 % and each log-ratio by
     0.1–0.5 nats — as large as what an iteration learns — for a gain lost in this machine's
-    noise (benchmarks/results/learner_step_cpu.json). `device` is kept for a device-aware
-    choice: `cpu_has_amx_bf16` tells where a bf16 reference is fast on CPU."""
+    noise, and on an AVX2-only CPU a bf16 reference made the step 2× slower
+    (benchmarks/results/learner_step_cpu.json). `device` is kept for a device-aware choice
+    (`spo_ray.dtypes.cpu_has_fast_bf16` tells where bf16 is fast on CPU)."""
     if cfg.reference_dtype != "auto":
         return cfg.reference_dtype
     return "bfloat16" if cfg.bf16 else "float32"
-
-
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX bf16 tiles (Intel Xeon since Sapphire Rapids), which oneDNN
-    uses for bf16 matmuls. Read from /proc/cpuinfo's flags; False where there is none."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in f)
-    except OSError:
-        return False
 
 
 @contextmanager

@@ -15,14 +15,17 @@ with the same weight as any other.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, fields
+import logging
+from dataclasses import dataclass, field, fields
 from itertools import islice
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import torch
 
-from spo_ray.data.schema import TokenStats, collate_pairs
-from spo_ray.sppo import preference_loss, sequence_logps
+from spo_ray.data.schema import TokenStats, collate_pairs, collate_shared_pairs
+from spo_ray.sppo import indexed_logps, preference_loss, sequence_logps
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -36,6 +39,7 @@ class StepSettings(Protocol):
     micro_batch_size: int
     max_length: int
     max_prompt_length: int
+    shared_prompt: bool
 
 
 class TrainEngine(Protocol):
@@ -65,6 +69,20 @@ class LearnerModels:
     engine: TrainEngine
     reference: torch.nn.Module
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    _shares_prompt: bool | None = field(default=None, init=False, repr=False)
+
+    def shares_prompt(self, cfg: StepSettings) -> bool:
+        """Whether micro-batches run as `collate_shared_pairs` batches: `learner.shared_prompt`
+        and both models able to (`shared_prompt_refusal`; else a warning, once, and two
+        sequences per pair)."""
+        if not cfg.shared_prompt:
+            return False
+        if self._shares_prompt is None:
+            reason = shared_prompt_refusal(self.engine.module, cfg.max_length) or shared_prompt_refusal(self.reference, cfg.max_length)
+            if reason:
+                logger.warning("learner.shared_prompt: %s; each pair runs as two sequences", reason)
+            self._shares_prompt = reason is None
+        return self._shares_prompt
 
 
 @dataclass
@@ -125,6 +143,42 @@ def response_logps(model: Callable[..., Any], module: torch.nn.Module, batch: di
     return sequence_logps(logits, ids[:, start:end], mask[:, start:end])
 
 
+def shared_prompt_refusal(module: torch.nn.Module, max_length: int) -> str | None:
+    """Why `module` cannot run `collate_shared_pairs` batches (None: it can).
+
+    They need a custom 4D attention mask, which transformers hands as it is to its `sdpa`
+    and `eager` attention (not to flash attention's), and position ids; a sliding window
+    shorter than the packed pair would be ignored by the mask.
+    """
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if impl not in ("sdpa", "eager"):
+        return f"attention implementation {impl!r} takes no custom 4D mask (sdpa and eager do)"
+    if "position_ids" not in inspect.signature(module.forward).parameters:
+        return f"{type(module).__name__}.forward takes no position_ids"
+    window = getattr(module.config, "sliding_window", None)
+    if isinstance(window, int) and window < 2 * max_length:
+        return f"its sliding window ({window} tokens) is shorter than a packed pair (up to {2 * max_length})"
+    return None
+
+
+def shared_response_logps(model: Callable[..., Any], module: torch.nn.Module, batch: dict, full_logits: bool = False) -> torch.Tensor:
+    """`response_logps` of a `collate_shared_pairs` batch: one forward per pair, the prompt
+    once; [2B], chosen then rejected. The LM head runs on the band of positions that score
+    some response token (`logits_to_keep`), or everywhere with `full_logits`."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if getattr(module.config, "_attn_implementation", None) == "eager":  # eager adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=module.dtype, device=ids.device).masked_fill(~mask, torch.finfo(module.dtype).min)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": batch["position_ids"]}
+    sources, keep = batch["score_positions"], batch["score_mask"]
+    rows = torch.arange(sources.shape[0], device=ids.device) % ids.shape[0]
+    scored = sources[keep.bool()]
+    if full_logits or not len(scored) or "logits_to_keep" not in inspect.signature(module.forward).parameters:
+        return indexed_logps(model(**inputs).logits, rows, sources, batch["score_targets"], keep)
+    start, end = scored.min().item(), scored.max().item() + 1
+    logits = model(**inputs, logits_to_keep=torch.arange(start, end, device=ids.device)).logits
+    return indexed_logps(logits, rows, (sources - start).clamp(min=0), batch["score_targets"], keep)
+
+
 def micro_batch_loss(
     models: LearnerModels,
     rows: Sequence[dict],
@@ -139,13 +193,15 @@ def micro_batch_loss(
     """
     engine, device = models.engine, models.engine.device
     weight = torch.tensor([0.0 if r["skip_reason"] else 1.0 for r in rows], device=device)
-    batch = collate_pairs(with_stand_ins(rows), models.tokenizer, cfg.max_length, cfg.max_prompt_length, stats)
+    shared = models.shares_prompt(cfg)
+    collate, logps_of = (collate_shared_pairs, shared_response_logps) if shared else (collate_pairs, response_logps)
+    batch = collate(with_stand_ins(rows), models.tokenizer, cfg.max_length, cfg.max_prompt_length, stats)
     batch = {k: v.to(device) for k, v in batch.items()}
     weight = weight * batch["valid"]
-    logps = response_logps(engine, engine.module, batch, full_logits)
+    logps = logps_of(engine, engine.module, batch, full_logits)
     with torch.no_grad():  # π_t is frozen
-        ref_logps = response_logps(models.reference, models.reference, batch, full_logits)
-    n = len(rows)  # rows 0..n−1 chosen, n..2n−1 rejected (collate_pairs)
+        ref_logps = logps_of(models.reference, models.reference, batch, full_logits)
+    n = len(rows)  # rows 0..n−1 chosen, n..2n−1 rejected (either collate)
     per_pair = preference_loss(
         logps[:n], logps[n:], ref_logps[:n], ref_logps[n:],
         loss_type=cfg.loss, beta=cfg.beta,

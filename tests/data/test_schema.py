@@ -1,7 +1,8 @@
 import pyarrow as pa
 import pytest
+import torch
 
-from spo_ray.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, TokenStats, collate_pairs, pair_table
+from spo_ray.data.schema import PAIR_COLUMNS, PAIR_SCHEMA, TokenStats, collate_pairs, collate_shared_pairs, pair_table
 from spo_ray.modeling import build_char_tokenizer
 
 
@@ -53,6 +54,53 @@ def test_a_row_that_fails_to_tokenize_becomes_a_counted_weight_0_stand_in():
     assert batch["input_ids"].shape[0] == 8 and batch["loss_mask"][1].sum() == 1  # a one-token stand-in
     # counted once, and only for a row that was a pair (the judge_nan row is already a counted skip)
     assert stats.reasons == {"tokenize_error": 1} and stats.prompts_truncated == 1
+
+
+def test_shared_collate_packs_prompt_chosen_rejected_and_scores_the_same_tokens():
+    """One sequence per pair: prompt (p tokens), "abc" + EOS at p..p+3, "de" + EOS at p+4..p+6.
+    The rejected part restarts its positions at p, sees the prompt and itself but not the
+    chosen part; its first token is scored by the prompt's last position, as in the
+    two-sequence layout."""
+    tok = build_char_tokenizer()
+    row = _row()
+    two = collate_pairs([row], tok, max_length=64, max_prompt_length=32)
+    one = collate_shared_pairs([row], tok, max_length=64, max_prompt_length=32)
+    p = int((two["loss_mask"][0] == 0).sum())
+    ids = one["input_ids"][0]
+    assert one["input_ids"].shape == (1, p + 4 + 3)
+    assert tok.decode(ids[p:p + 3]) == "abc" and tok.decode(ids[p + 4:p + 6]) == "de"
+    assert ids[:p + 4].tolist() == two["input_ids"][0].tolist()
+    assert one["position_ids"][0].tolist() == list(range(p + 4)) + [p, p + 1, p + 2]
+    mask = one["attention_mask"][0, 0]
+    assert mask.shape == (p + 7, p + 7) and mask.dtype == torch.bool
+    chosen, rejected = range(p, p + 4), range(p + 4, p + 7)
+    for q in chosen:
+        assert mask[q].tolist() == [k <= q for k in range(p + 7)]
+    for q in rejected:
+        assert mask[q].tolist() == [k < p or p + 4 <= k <= q for k in range(p + 7)]
+    # Scored: (position whose logits score, token) for chosen then rejected, = the loss_mask tokens.
+    sources, targets, keep = one["score_positions"], one["score_targets"], one["score_mask"]
+    assert keep.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert sources[0].tolist() == [p - 1, p, p + 1, p + 2]
+    assert sources[1, :3].tolist() == [p - 1, p + 4, p + 5]
+    assert targets[0].tolist() == two["input_ids"][0, p:p + 4].tolist()
+    assert targets[1, :3].tolist() == two["input_ids"][1, p:p + 3].tolist()
+    for key in ("chosen_probs_win", "chosen_probs_lose", "valid"):
+        assert torch.equal(one[key], two[key])
+
+
+def test_shared_collate_pads_attend_only_to_themselves_and_stand_ins_score_nothing():
+    tok = build_char_tokenizer()
+    stats = TokenStats()
+    rows = [_row(), _row(prompt="a longer prompt", chosen=None)]
+    one = collate_shared_pairs(rows, tok, max_length=64, max_prompt_length=32, stats=stats)
+    assert one["valid"].tolist() == [1.0, 0.0] and stats.reasons == {"tokenize_error": 1}
+    length = int((one["input_ids"][0] != tok.pad_token_id).sum())
+    mask = one["attention_mask"][0, 0]
+    for q in range(length, mask.shape[0]):  # padding: itself only (no row without a key)
+        assert mask[q].nonzero().flatten().tolist() == [q]
+    assert not mask[:length, length:].any()  # nothing real attends to padding
+    assert one["score_mask"][1].sum() == 0 and one["score_mask"][3].sum() == 0  # the stand-in's EOS at position 0
 
 
 def test_pair_table_has_the_schema_and_drops_stream_columns():

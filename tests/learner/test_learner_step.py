@@ -14,8 +14,8 @@ import dataclasses
 import pytest
 import torch
 
-from spo_ray.data.schema import collate_pairs, filler_row
-from spo_ray.learner import models as models_module
+from spo_ray.data.schema import collate_pairs, collate_shared_pairs, filler_row
+from spo_ray import dtypes
 from spo_ray.learner.deepspeed_config import build_deepspeed_config, linear_schedule
 from spo_ray.learner.models import build_models, make_optimizer, reference_dtype, single_process_group
 from spo_ray.learner.step import (
@@ -24,6 +24,8 @@ from spo_ray.learner.step import (
     accumulate_gradients,
     learner_step,
     response_logps,
+    shared_prompt_refusal,
+    shared_response_logps,
     step_groups,
     with_stand_ins,
 )
@@ -171,6 +173,58 @@ def test_response_logps_scores_the_same_tokens_as_the_full_logits(tiny_policy, o
     torch.testing.assert_close(full, _response_logps(models.reference, batch), rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_scores_what_two_sequences_score(tiny_policy, one_process_group, attention):
+    """One sequence per pair (prompt once) gives each response the log-prob it has in its
+    own sequence: prompts of different lengths, a stand-in, a prompt and responses cut."""
+    _, models = _models(tiny_policy)
+    model = copy.deepcopy(models.reference)
+    model.config._attn_implementation = attention
+    rows = with_stand_ins([_pair(1, 0.8, 0.2), _pair(7, 0.6, 0.4), filler_row(), _pair(30, 0.7, 0.3)])
+    for max_length, max_prompt_length in ((256, 128), (48, 32)):
+        two = collate_pairs(rows, models.tokenizer, max_length, max_prompt_length)
+        one = collate_shared_pairs(rows, models.tokenizer, max_length, max_prompt_length)
+        with torch.no_grad():
+            expected = _response_logps(model, two)
+            torch.testing.assert_close(shared_response_logps(model, model, one), expected, rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(shared_response_logps(model, model, one, full_logits=True), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_shared_prompt_step_keeps_the_losses(tiny_policy, one_process_group):
+    """learner.shared_prompt=true trains as two sequences per pair do: sums, gradient norms
+    and weights equal to float precision over three steps."""
+    cfg, shared = _models(tiny_policy)
+    no_cfg, two = _models(tiny_policy, "learner.shared_prompt=false")
+    assert shared.shares_prompt(cfg.learner) and not two.shares_prompt(no_cfg.learner)
+    for _ in range(3):
+        old = learner_step(two, GROUP, no_cfg.learner)
+        new = learner_step(shared, GROUP, cfg.learner)
+        assert _sums(new) == pytest.approx(_sums(old), rel=1e-5, abs=1e-4)
+        assert new.grad_norm == pytest.approx(old.grad_norm, rel=1e-5)
+    for name, value in shared.engine.module.state_dict().items():
+        torch.testing.assert_close(value, two.engine.module.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_cannot_share_the_prompt_runs_two_sequences(tiny_policy, one_process_group, caplog):
+    cfg, models = _models(tiny_policy)
+    assert shared_prompt_refusal(models.reference, 320) is None
+    flash = copy.deepcopy(models.reference)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in shared_prompt_refusal(flash, 320)
+    windowed = copy.deepcopy(models.reference)
+    windowed.config.sliding_window = 512
+    assert "sliding window (512 tokens)" in shared_prompt_refusal(windowed, 320)
+    assert shared_prompt_refusal(windowed, 256) is None
+    models.reference = windowed
+    with caplog.at_level("WARNING", logger="spo_ray.learner.step"):
+        assert not models.shares_prompt(dataclasses.replace(cfg.learner, max_length=320))
+        assert not models.shares_prompt(dataclasses.replace(cfg.learner, max_length=320))
+    assert [r.getMessage() for r in caplog.records] == [
+        "learner.shared_prompt: its sliding window (512 tokens) is shorter than a packed pair (up to 640); "
+        "each pair runs as two sequences"
+    ]
+
+
 def test_bf16_reference_moves_the_log_ratios_by_little(tiny_policy, one_process_group):
     cfg, exact = _models(tiny_policy)
     _, bf16 = _models(tiny_policy, "learner.reference_dtype=bfloat16")
@@ -185,7 +239,7 @@ def test_bf16_reference_moves_the_log_ratios_by_little(tiny_policy, one_process_
 def test_reference_dtype_auto_is_the_policys_even_where_bf16_is_fast(monkeypatch):
     learner = _cfg().learner
     cpu = torch.device("cpu")
-    monkeypatch.setattr(models_module, "cpu_has_amx_bf16", lambda: True)
+    monkeypatch.setattr(dtypes, "cpu_has_fast_bf16", lambda: True)
     assert reference_dtype(learner, cpu) == "float32"  # a float32 policy: exact log-ratios
     assert reference_dtype(dataclasses.replace(learner, bf16=True), cpu) == "bfloat16"
     assert reference_dtype(dataclasses.replace(learner, reference_dtype="bfloat16"), cpu) == "bfloat16"
