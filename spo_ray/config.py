@@ -249,8 +249,13 @@ class EvalConfig(Section):
     # (its record follows that stream); False: after training, alone. Off on 2 CPUs, where
     # both compete for the same cores; on in the GPU presets.
     overlap: bool = False
+    # Torch threads of the evaluation task, where an independent judge (`judge`) embeds;
+    # None: Ray's OMP_NUM_THREADS, one per CPU the task reserves (cluster.evaluate).
+    num_threads: Optional[int] = MISSING
 
     def __post_init__(self) -> None:
+        if self.num_threads is not None:
+            positive("evaluate.num_threads", self.num_threads)
         positive("evaluate.max_new_tokens", self.max_new_tokens)
         positive("evaluate.batch_size", self.batch_size)
         one_of("evaluate.mt_bench_turns", self.mt_bench_turns, (1, 2))

@@ -186,6 +186,10 @@ def evaluate_policy(
     from spo_ray.timeline import record_interval, span
 
     e = cfg.evaluate
+    if e.num_threads:  # this process's threads: the evaluation task's own, as a Ray task
+        import torch
+
+        torch.set_num_threads(e.num_threads)
     engine = (engine_factory or make_engine)(cfg, policy_path)
     record_interval(timeline_dir, "eval_start", submitted_at or entered, time.time())
     sampling = SamplingConfig(

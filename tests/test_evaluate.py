@@ -167,3 +167,24 @@ def test_an_unknown_independent_judge_fails_while_composing():
 
     with pytest.raises(ValueError, match="evaluate.judge='nope' names no preset.*reference_mpnet"):
         compose(["experiment=tiny", "evaluate.judge=nope"])
+
+
+def test_evaluate_num_threads_sets_the_evaluations_torch_threads(tiny_policy):
+    """evaluate.num_threads: the evaluation runs with that many torch threads (the
+    independent judge embeds there); null leaves the process's own."""
+    import torch
+
+    from spo_ray.evaluate import evaluate_policy
+    from tests.conftest import compose
+
+    before = torch.get_num_threads()
+    held_out = [{"prompt_id": "p0", "prompt": "q0"}]
+    try:
+        for threads, expected in ((None, before), (1, 1), (2, 2)):
+            overrides = ["experiment=tiny", "evaluate.max_new_tokens=2", f"evaluate.num_threads={'null' if threads is None else threads}"]
+            evaluate_policy(compose(overrides)[1], tiny_policy, held_out, baseline=None)
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="evaluate.num_threads"):
+        compose(["experiment=tiny", "evaluate.num_threads=0"])

