@@ -147,8 +147,9 @@ def shared_prompt_refusal(module: torch.nn.Module, max_length: int) -> str | Non
     """Why `module` cannot run `collate_shared_pairs` batches (None: it can).
 
     They need a custom 4D attention mask, which transformers hands as it is to its `sdpa`
-    and `eager` attention (not to flash attention's), and position ids; a sliding window
-    shorter than the packed pair would be ignored by the mask.
+    and `eager` attention (not to flash attention's), and position ids. The mask sets no
+    sliding window: a window shorter than a sequence (`max_length`) would act in two
+    sequences per pair and not in one.
     """
     impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
     if impl not in ("sdpa", "eager"):
@@ -156,8 +157,8 @@ def shared_prompt_refusal(module: torch.nn.Module, max_length: int) -> str | Non
     if "position_ids" not in inspect.signature(module.forward).parameters:
         return f"{type(module).__name__}.forward takes no position_ids"
     window = getattr(module.config, "sliding_window", None)
-    if isinstance(window, int) and window < 2 * max_length:
-        return f"its sliding window ({window} tokens) is shorter than a packed pair (up to {2 * max_length})"
+    if isinstance(window, int) and window < max_length:
+        return f"its sliding window ({window} tokens) is shorter than learner.max_length ({max_length})"
     return None
 
 

@@ -212,15 +212,15 @@ def test_a_model_that_cannot_share_the_prompt_runs_two_sequences(tiny_policy, on
     flash.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in shared_prompt_refusal(flash, 320)
     windowed = copy.deepcopy(models.reference)
-    windowed.config.sliding_window = 512
-    assert "sliding window (512 tokens)" in shared_prompt_refusal(windowed, 320)
+    windowed.config.sliding_window = 256
+    assert "sliding window (256 tokens)" in shared_prompt_refusal(windowed, 320)
     assert shared_prompt_refusal(windowed, 256) is None
     models.reference = windowed
     with caplog.at_level("WARNING", logger="spo_ray.learner.step"):
         assert not models.shares_prompt(dataclasses.replace(cfg.learner, max_length=320))
         assert not models.shares_prompt(dataclasses.replace(cfg.learner, max_length=320))
     assert [r.getMessage() for r in caplog.records] == [
-        "learner.shared_prompt: its sliding window (512 tokens) is shorter than a packed pair (up to 640); "
+        "learner.shared_prompt: its sliding window (256 tokens) is shorter than learner.max_length (320); "
         "each pair runs as two sequences"
     ]
 
