@@ -18,7 +18,9 @@ random weights, offline:
   the learner's own step (`spo_ray.learner.step.learner_step`) on a plain torch optimizer.
   MFU = 6·N·tokens / step time / peak bf16 FLOP/s (N = policy parameters, tokens = 2 ×
   pairs × max_length; attention FLOPs and the reference's 2·N·tokens not counted, the
-  latter reported as `mfu_with_reference`).
+  latter reported as `mfu_with_reference`). With `learner.shared_prompt` (the default) each
+  pair runs as one sequence with its prompt once, so the step does less than those FLOPs:
+  the MFU is of the two-sequence work it replaces.
 
     PYTHONPATH=. python benchmarks/gpu_components.py --out benchmarks/results/gpu_<device>.json
     PYTHONPATH=. python benchmarks/gpu_components.py --tiny    # small sizes: a CPU smoke run
@@ -80,6 +82,18 @@ def conf(*path: str) -> dict:
     return yaml.safe_load((REPO / "conf").joinpath(*path).read_text())
 
 
+def group(name: str, option: str) -> dict:
+    """A flat conf group's option as Hydra composes it (this machine may have no Hydra): the
+    options its `defaults` list names from the same group (e.g. rollout/common.yaml), then
+    its own keys."""
+    own = conf(name, f"{option}.yaml")
+    merged: dict = {}
+    for entry in own.pop("defaults", []):
+        if entry != "_self_":
+            merged.update(group(name, entry))
+    return {**merged, **own}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -138,7 +152,7 @@ def words(rng: random.Random, target_len: int, measure) -> str:
 
 # ----------------------------------------------------------------------------- the stages
 def bench_generation(policy_dir: str, device: torch.device, dtype: str, sizes: dict) -> dict:
-    rollout = conf("rollout", "vllm.yaml")
+    rollout = group("rollout", "vllm")
     engine = HFEngine(policy_dir, dtype=dtype, device=str(device))
     rng = random.Random(0)
     prompts = [words(rng, sizes["prompt_chars"], len) for _ in range(sizes["prompts"])]
@@ -193,7 +207,7 @@ def bench_judge(root: Path, device: torch.device, dtype: str, size: dict, sizes:
     tokenizer = AutoTokenizer.from_pretrained(paths["backbone"])
     n_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     rng = random.Random(1)
-    k = conf("rollout", "vllm.yaml")["num_samples"]
+    k = group("rollout", "vllm")["num_samples"]
     prompts = [words(rng, sizes["prompt_tokens"], n_tokens) for _ in range(sizes["prompts"])]
     responses = [[words(rng, sizes["response_tokens"], n_tokens) for _ in range(k)] for _ in prompts]
     budget = conf("judge", "pairrm.yaml")["pairrm"]["token_budget"]
@@ -227,15 +241,18 @@ class StepSettings:
     micro_batch_size: int
     max_length: int
     max_prompt_length: int
+    shared_prompt: bool
 
 
 def bench_learner(policy, tokenizer, device: torch.device, autocast: bool, sizes: dict, peak: float | None) -> dict:
-    learner = conf("experiment", "mistral7b_sppo.yaml")["learner"]
+    learner = {**group("learner", "sppo"), **conf("experiment", "mistral7b_sppo.yaml")["learner"]}
     length, prompt_len, beta = learner["max_length"], learner["max_prompt_length"], learner["beta"]
     if sizes["max_length"]:  # --tiny
         length, prompt_len = sizes["max_length"], sizes["max_length"] // 2
     pairs = sizes["pairs"]
-    settings = StepSettings(loss="sppo", beta=beta, micro_batch_size=pairs, max_length=length, max_prompt_length=prompt_len)
+    shared = learner["shared_prompt"]  # the learner's default: the prompt once per pair
+    settings = StepSettings(loss="sppo", beta=beta, micro_batch_size=pairs, max_length=length, max_prompt_length=prompt_len,
+                            shared_prompt=shared)
     reference = build_reference(policy)
     policy.train()
     policy.config.use_cache = False
@@ -267,7 +284,7 @@ def bench_learner(policy, tokenizer, device: torch.device, autocast: bool, sizes
         "loss": "sppo", "beta": beta, "optimizer": "RMSprop", "precision": "bf16 autocast" if autocast else "float32",
         "reference": "frozen copy, " + str(next(reference.parameters()).dtype).replace("torch.", ""),
         "step": "spo_ray.learner.step.learner_step on a TorchEngine",
-        "pairs_per_step": pairs, "max_length": length, "max_prompt_length": prompt_len,
+        "pairs_per_step": pairs, "max_length": length, "max_prompt_length": prompt_len, "shared_prompt": shared,
         "tokens_per_step": tokens, "policy_parameters": n_params,
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_tflops_per_s": round(flops / step_s / 1e12, 2),
