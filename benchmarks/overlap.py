@@ -88,20 +88,21 @@ class SimulatedJudge:
         return [self.pairwise_logits(p, r) for p, r in zip(prompts, responses)]
 
 
-def pair_stream(cfg, policy: str, prompts: list[dict], mode: str, args):
+def pair_stream(cfg, policy: str, prompts: list[dict], mode: str, args, timeline_dir: str | None = None):
     """The iteration's pairs: streamed (lazy), or sequential (generated, then judged, all of
-    it, before the learner gets a row)."""
+    it, before the learner gets a row). The stage actors record their start and busy time
+    into `timeline_dir` (spo_ray/timeline.py)."""
     from spo_ray.judge import build_judge
     from spo_ray.pipeline import judge_stream, rollout_stream
     from spo_ray.rollout.factory import make_engine
 
     engine_factory = partial(SimulatedEngine, batch_s=args.gen_s) if args.simulate else make_engine
     judge_factory = partial(SimulatedJudge, batch_s=args.judge_s) if args.simulate else build_judge
-    rollouts = rollout_stream(cfg, prompts, policy, 1, engine_factory)
+    rollouts = rollout_stream(cfg, prompts, policy, 1, engine_factory, timeline_dir=timeline_dir)
     if mode == "sequential":
         rollouts = rollouts.materialize()  # generate all ...
-        return judge_stream(cfg, rollouts, policy, 1, judge_factory).materialize()  # ... then judge all
-    return judge_stream(cfg, rollouts, policy, 1, judge_factory)
+        return judge_stream(cfg, rollouts, policy, 1, judge_factory, timeline_dir=timeline_dir).materialize()  # ... then judge all
+    return judge_stream(cfg, rollouts, policy, 1, judge_factory, timeline_dir=timeline_dir)
 
 
 def step_extra(args) -> dict:
@@ -129,29 +130,36 @@ def run_once(cfg, policy: str, prompts: list[dict], mode: str, args) -> float:
     return elapsed
 
 
-def run_warm(cfg, policy: str, prompts: list[dict], args) -> dict[str, float]:
+def run_warm(cfg, policy: str, prompts: list[dict], args) -> tuple[dict[str, float], dict[str, dict]]:
     """Both modes as iterations 2 and 3 of one persistent learner, after an untimed warm-up
-    iteration: seconds from the iteration's stream to its last step, per mode."""
+    iteration: seconds from the iteration's stream to its last step, per mode, and each
+    mode's timeline (spo_ray/timeline.py: when each stage started and was busy)."""
     from spo_ray.run_dir import RunDir
+    from spo_ray.timeline import build_timeline, read_intervals
     from spo_ray.train import loop_config, start_learner
 
     run = RunDir(tempfile.mkdtemp(prefix="overlap-warm-"))
     learner = start_learner(cfg, run)
     seconds: dict[str, float] = {}
+    timelines: dict[str, dict] = {}
     try:
         for t, mode in enumerate(("warm-up", "sequential", "streamed"), start=1):
             run.prepare_train(t)
+            parts = str(run.timeline_parts(t))
             start = time.time()
-            pairs = partial(pair_stream, cfg, policy, prompts, "sequential" if mode == "sequential" else "streamed", args)
+            pairs = partial(pair_stream, cfg, policy, prompts, "sequential" if mode == "sequential" else "streamed", args, parts)
             error = learner.train(loop_config(cfg, run, policy, t, len(prompts), **step_extra(args)), pairs)
             if error is not None:
                 raise error
-            seconds[mode] = time.time() - start
+            end = time.time()
+            seconds[mode] = end - start
             check_rows(run, t, prompts)
-            print(f"[overlap] {mode}: {seconds[mode]:.1f}s", flush=True)
+            timelines[mode] = build_timeline(read_intervals(parts), start, end)
+            starts = ", ".join(f"{s['name']} {s['start_s']:.1f}–{s['end_s']:.1f}" for s in timelines[mode]["stages"])
+            print(f"[overlap] {mode}: {seconds[mode]:.1f}s ({starts})", flush=True)
     finally:
         learner.close()
-    return seconds
+    return seconds, timelines
 
 
 def main() -> None:
@@ -185,8 +193,9 @@ def main() -> None:
 
     ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    timelines: dict[str, dict] = {}
     if args.learner == "persistent":
-        warm = run_warm(cfg, policy, prompts, args)
+        warm, timelines = run_warm(cfg, policy, prompts, args)
         sequential, streamed = warm["sequential"], warm["streamed"]
     else:
         sequential = run_once(cfg, policy, prompts, "sequential", args)
@@ -212,6 +221,9 @@ def main() -> None:
             ideal_speedup=round(ideal, 3),
             efficiency=round(figures["speedup"] / ideal, 3),
         )
+    if timelines:  # where each mode's seconds went, stage by stage (without the busy intervals)
+        figures["timelines"] = {mode: {**tl, "stages": [{k: v for k, v in s.items() if k != "intervals"} for s in tl["stages"]]}
+                                for mode, tl in timelines.items() if mode != "warm-up"}
     print(json.dumps(figures, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
