@@ -157,7 +157,9 @@ def test_load_weights_rebuilds_when_in_place_fails(fake_vllm, tokenizer_dir):
 
 
 def test_load_weights_rebuilds_when_in_place_hangs(fake_vllm, tokenizer_dir):
-    engine = _engine(tokenizer_dir, reload_timeout_s=1.0)
+    # The hung reload is given up after half the timeout and the rebuild gets the rest: 2 s,
+    # not 0.5 s, so the fake's build is not timed out on a loaded machine (seen in make test).
+    engine = _engine(tokenizer_dir, reload_timeout_s=4.0)
     LLM.behaviour.rpc = "hang"
     engine.load_weights(tokenizer_dir)
     assert len(LLM.built) == 2 and LLM.built[0].shut_down
