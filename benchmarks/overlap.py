@@ -17,10 +17,13 @@ on two responses). No public measurement gives these ratios; pass your own with
     python benchmarks/overlap.py --simulate --out benchmarks/results/overlap_simulated.json
 
 Each mode is timed as a run's later iteration sees it (default, `--learner persistent`):
-one persistent learner (spo_ray/learner/persistent.py) trains three iterations, a warm-up
-that pays the workers', DeepSpeed's and the models' start untimed, then sequential, then
-streamed. `--learner per-iteration` times each mode with its own TorchTrainer, start-up
-included (how every iteration ran before the persistent learner).
+one persistent learner (spo_ray/learner/persistent.py) trains three iterations on the
+run's persistent rollout engines and judges (spo_ray/rollout/engines.py,
+spo_ray/judge/pool.py; with `--simulate` they hold the cost model), a warm-up that pays
+the workers', DeepSpeed's, the models' and the engines' start untimed, then sequential,
+then streamed. `--learner per-iteration` times each mode with its own TorchTrainer and
+its own stage actors, start-up included (how every iteration ran before the persistent
+learner and engines).
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ class SimulatedEngine:
     def load_weights(self, path: str) -> None:
         pass
 
+    def shutdown(self) -> None:
+        pass
+
 
 class SimulatedStep:
     """A learner step that sleeps `step_s` instead of computing (the models are still built
@@ -88,21 +94,29 @@ class SimulatedJudge:
         return [self.pairwise_logits(p, r) for p, r in zip(prompts, responses)]
 
 
-def pair_stream(cfg, policy: str, prompts: list[dict], mode: str, args, timeline_dir: str | None = None):
+def pair_stream(cfg, policy: str, prompts: list[dict], mode: str, args, timeline_dir: str | None = None, engines=None, judges=None):
     """The iteration's pairs: streamed (lazy), or sequential (generated, then judged, all of
-    it, before the learner gets a row). The stage actors record their start and busy time
-    into `timeline_dir` (spo_ray/timeline.py)."""
-    from spo_ray.judge import build_judge
+    it, before the learner gets a row). On the run's persistent `engines` and `judges`
+    (`run_warm`), or on stage actors that build their own (`run_once`). The stages record
+    their start and busy time into `timeline_dir` (spo_ray/timeline.py)."""
     from spo_ray.pipeline import judge_stream, rollout_stream
-    from spo_ray.rollout.factory import make_engine
 
-    engine_factory = partial(SimulatedEngine, batch_s=args.gen_s) if args.simulate else make_engine
-    judge_factory = partial(SimulatedJudge, batch_s=args.judge_s) if args.simulate else build_judge
-    rollouts = rollout_stream(cfg, prompts, policy, 1, engine_factory, timeline_dir=timeline_dir)
+    engine_factory, judge_factory = factories(args)
+    rollouts = rollout_stream(cfg, prompts, policy, 1, engine_factory, engines=engines, timeline_dir=timeline_dir)
     if mode == "sequential":
         rollouts = rollouts.materialize()  # generate all ...
-        return judge_stream(cfg, rollouts, policy, 1, judge_factory, timeline_dir=timeline_dir).materialize()  # ... then judge all
-    return judge_stream(cfg, rollouts, policy, 1, judge_factory, timeline_dir=timeline_dir)
+        return judge_stream(cfg, rollouts, policy, 1, judge_factory, timeline_dir=timeline_dir, judges=judges).materialize()  # ... then judge all
+    return judge_stream(cfg, rollouts, policy, 1, judge_factory, timeline_dir=timeline_dir, judges=judges)
+
+
+def factories(args) -> tuple:
+    """The engine and judge factories: the cost model's (`--simulate`), else the real ones."""
+    from spo_ray.judge import build_judge
+    from spo_ray.rollout.factory import make_engine
+
+    if args.simulate:
+        return partial(SimulatedEngine, batch_s=args.gen_s), partial(SimulatedJudge, batch_s=args.judge_s)
+    return make_engine, build_judge
 
 
 def step_extra(args) -> dict:
@@ -138,16 +152,24 @@ def run_warm(cfg, policy: str, prompts: list[dict], args) -> tuple[dict[str, flo
     from spo_ray.timeline import build_timeline, read_intervals
     from spo_ray.train import loop_config, start_learner
 
+    from spo_ray.judge.pool import JudgePool
+    from spo_ray.rollout.engines import RolloutEngines
+
     run = RunDir(tempfile.mkdtemp(prefix="overlap-warm-"))
+    engine_factory, judge_factory = factories(args)
+    engines, judges = RolloutEngines(cfg, policy, engine_factory), JudgePool(cfg, judge_factory)
     learner = start_learner(cfg, run)
     seconds: dict[str, float] = {}
     timelines: dict[str, dict] = {}
     try:
+        engines.wait_started(1, cfg)
+        judges.wait_started(1, cfg)
         for t, mode in enumerate(("warm-up", "sequential", "streamed"), start=1):
             run.prepare_train(t)
             parts = str(run.timeline_parts(t))
             start = time.time()
-            pairs = partial(pair_stream, cfg, policy, prompts, "sequential" if mode == "sequential" else "streamed", args, parts)
+            stream_mode = "sequential" if mode == "sequential" else "streamed"
+            pairs = partial(pair_stream, cfg, policy, prompts, stream_mode, args, parts, engines, judges)
             error = learner.train(loop_config(cfg, run, policy, t, len(prompts), **step_extra(args)), pairs)
             if error is not None:
                 raise error
@@ -159,6 +181,8 @@ def run_warm(cfg, policy: str, prompts: list[dict], args) -> tuple[dict[str, flo
             print(f"[overlap] {mode}: {seconds[mode]:.1f}s ({starts})", flush=True)
     finally:
         learner.close()
+        engines.shutdown()
+        judges.shutdown()
     return seconds, timelines
 
 
@@ -178,6 +202,7 @@ def main() -> None:
     from tests.conftest import compose
     from spo_ray.data.prompts import load_prompts
     from spo_ray.modeling import build_random_policy, save_policy
+    from spo_ray.train import start_local_ray
 
     b = args.batch
     _, cfg = compose([
@@ -191,7 +216,7 @@ def main() -> None:
     model, tok = build_random_policy(cfg.model.random_init, seed=0)
     policy = str(save_policy(model, tok, Path(tempfile.mkdtemp()) / "pi0"))
 
-    ray.init(address="local", num_cpus=cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)
+    start_local_ray(cfg.cluster.num_cpus, include_dashboard=False, log_to_driver=False)  # as a run starts it
     ray.data.DataContext.get_current().enable_progress_bars = False
     timelines: dict[str, dict] = {}
     if args.learner == "persistent":

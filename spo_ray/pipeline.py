@@ -1,15 +1,21 @@
 """One SPPO iteration as a Ray Data stream: prompts → rollout → judge → pair rows.
 
-    prompts ─► RolloutStage (actor pool: K samples per prompt from π_t, on the run's
-                             persistent rollout engines, spo_ray/rollout/engines.py)
-            ─► JudgeStage   (actor pool, K×K pairwise logits from the run's persistent
-                             judges, spo_ray/judge/pool.py → scores, then
-                             select_pairs: p̂, chosen, rejected, P[w,l]; or a skip reason)
+    prompts ─► RolloutStage (K samples per prompt from π_t, on the run's persistent
+                             rollout engines, spo_ray/rollout/engines.py)
+            ─► JudgeStage   (K×K pairwise logits from the run's persistent judges,
+                             spo_ray/judge/pool.py → scores, then select_pairs:
+                             p̂, chosen, rejected, P[w,l]; or a skip reason)
             ─► the learner's `get_dataset_shard("pairs")`, which trains while later
                prompts are still being generated and judged, and persists the rows.
 
 Stages are thin wrappers around the plain components (`HFEngine`, the judges,
 `spo_ray.sppo.select_pair`); pool sizes and resources come from `conf/cluster/`.
+
+On the run's persistent engines and judges a stage only forwards batches, so it runs as
+Ray tasks (`run_stage`) on the job's worker processes, which Ray keeps and reuses from one
+stream to the next: a stream's first batch leaves at once. A stage that builds its own
+engine or judge (without persistent ones: colocated placement, tests, benchmarks) is an
+actor pool, whose actors start, and load it, with each stream.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import uuid
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import pyarrow as pa
@@ -27,6 +34,7 @@ from spo_ray.data.chat import judge_prompts
 from spo_ray.data.schema import ROLLOUT_SCHEMA, STREAM_SCHEMA, filler_row, select_pairs
 from spo_ray.faults import maybe_fail
 from spo_ray.judge import attach_references, build_judge, scores_from_logits
+from spo_ray.placement import PoolConfig
 from spo_ray.rollout.base import SamplingConfig
 from spo_ray.rollout.factory import make_engine
 from spo_ray.timeline import record_interval, span
@@ -43,6 +51,10 @@ if TYPE_CHECKING:
 # cannot silently drop them. Unlimited: a batch that kills every actor it reaches stops
 # the run through run.timeouts.stream_no_progress_s instead.
 STAGE_FAULT_TOLERANCE = dict(max_restarts=-1, max_task_retries=-1)
+# The same for a stage run as tasks (the forwarders to the run's persistent engines and
+# judges): a task whose worker dies is run again on another, with Ray Data 2.60's default
+# (remote_fn.cached_remote_fn), stated here for the same reason.
+TASK_FAULT_TOLERANCE = dict(max_retries=-1)
 
 
 def batch_seed(seed: int, iteration: int, prompt_ids: Sequence[str]) -> int:
@@ -53,9 +65,10 @@ def batch_seed(seed: int, iteration: int, prompt_ids: Sequence[str]) -> int:
 
 
 class RolloutStage:
-    """Actor-pool stage: K responses per prompt from π_t (`engine_factory` swaps the
-    engine, e.g. for the simulated cost model of benchmarks/overlap.py). With `timeline_dir`
-    it records its start and each batch's generation (spo_ray/timeline.py)."""
+    """Rollout stage: K responses per prompt from π_t, on the engine `engine_factory` builds
+    (the run's engines' clients, an engine of its own, or the simulated cost model of
+    benchmarks/overlap.py). With `timeline_dir` it records its start and each batch's
+    generation (spo_ray/timeline.py)."""
 
     def __init__(
         self, cfg: Config, policy_path: str, iteration: int, engine_factory: Callable = make_engine, timeline_dir: str | None = None
@@ -96,7 +109,7 @@ def _column(batch: pa.Table, name: str) -> list:
 
 
 class JudgeStage:
-    """Actor-pool stage: the judge's K×K logits for each prompt, reduced to scores s_i.
+    """Judge stage: the judge's K×K logits for each prompt, reduced to scores s_i.
 
     With `judge.prompt_format: chat` the judge sees the prompt as the policy saw it (the
     chat template up to the assistant turn), as the paper's ranking script does. With
@@ -147,28 +160,17 @@ def rollout_stream(
     engines: "RolloutEngines | None" = None,
     timeline_dir: str | None = None,
 ) -> ray.data.Dataset:
-    """Prompt rows → rollout rows, through the rollout actor pool (lazy). With the run's
-    persistent `engines` the pool's actors only forward batches to them and reserve
-    nothing; without, each pool actor builds its own engine with `engine_factory`.
-    `timeline_dir`: where the actors record their busy time (spo_ray/timeline.py)."""
-    c = cfg.cluster.rollout
-    resources = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus)
-    if engines is not None:
-        engine_factory, resources = engines.clients(), dict(num_cpus=0, num_gpus=0)
+    """Prompt rows → rollout rows, through the rollout stage (lazy). With the run's
+    persistent `engines` the stage is tasks that forward batches to them and reserve
+    nothing; without, an actor pool whose actors each build an engine with `engine_factory`.
+    `timeline_dir`: where the stage records its busy time (spo_ray/timeline.py)."""
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"], "reference": p.get("reference")} for p in prompts]
     # One block per rollout batch, so the first batches flow on while later ones are generated.
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / cfg.rollout.batch_size)))
-    return ds.map_batches(
-        RolloutStage,
-        fn_constructor_kwargs=dict(
-            cfg=cfg, policy_path=policy_path, iteration=iteration, engine_factory=engine_factory, timeline_dir=timeline_dir
-        ),
-        batch_size=cfg.rollout.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=c.num_actors),
-        **resources,
-        **STAGE_FAULT_TOLERANCE,
-    )
+    if engines is not None:
+        engine_factory = engines.clients()
+    kwargs = dict(cfg=cfg, policy_path=policy_path, iteration=iteration, engine_factory=engine_factory, timeline_dir=timeline_dir)
+    return _map_stage(ds, RolloutStage, kwargs, cfg.rollout.batch_size, cfg.cluster.rollout, forwarder=engines is not None)
 
 
 def judge_stream(
@@ -180,29 +182,72 @@ def judge_stream(
     timeline_dir: str | None = None,
     judges: "JudgePool | None" = None,
 ) -> ray.data.Dataset:
-    """Rollout rows → pair rows (with skip reasons), through the judge actor pool (lazy).
-    With the run's persistent `judges` the pool's actors only forward batches to them and
-    reserve nothing; without, each pool actor builds its own judge with `judge_factory`."""
+    """Rollout rows → pair rows (with skip reasons), through the judge stage (lazy). With
+    the run's persistent `judges` the stage is tasks that forward batches to them and
+    reserve nothing; without, an actor pool whose actors each build a judge with
+    `judge_factory`."""
     c = cfg.cluster.judge
-    resources = dict(num_cpus=c.num_cpus, num_gpus=c.num_gpus)
     if judges is not None:
-        judge_factory, resources = judges.clients(), dict(num_cpus=0, num_gpus=0)
-    return rollouts.map_batches(
-        JudgeStage,
-        fn_constructor_kwargs=dict(
-            cfg=cfg.judge,
-            policy_path=policy_path,
-            iteration=iteration,
-            device="cuda" if c.num_gpus > 0 else "cpu",
-            judge_factory=judge_factory,
-            timeline_dir=timeline_dir,
-        ),
-        batch_size=cfg.judge.batch_size,
+        judge_factory = judges.clients()
+    kwargs = dict(
+        cfg=cfg.judge,
+        policy_path=policy_path,
+        iteration=iteration,
+        device="cuda" if c.num_gpus > 0 else "cpu",
+        judge_factory=judge_factory,
+        timeline_dir=timeline_dir,
+    )
+    return _map_stage(rollouts, JudgeStage, kwargs, cfg.judge.batch_size, c, forwarder=judges is not None)
+
+
+def _map_stage(ds: ray.data.Dataset, stage: type, kwargs: dict, batch_size: int, pool: PoolConfig, forwarder: bool) -> ray.data.Dataset:
+    """`ds` through `stage`: as forwarding tasks on reused worker processes (`forwarder`:
+    its work is done by the run's persistent actors), two per actor so that each actor has
+    its next batch queued when it finishes one; else as an actor pool of `pool.num_actors`
+    actors holding `pool`'s CPUs and GPUs."""
+    if forwarder:
+        return ds.map_batches(
+            run_stage,
+            fn_kwargs=dict(stage=stage, stream=uuid.uuid4().hex, kwargs=kwargs),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.TaskPoolStrategy(size=2 * pool.num_actors),
+            num_cpus=0,
+            num_gpus=0,
+            # Ray Data fuses consecutive task stages into one task (generate, then judge, in
+            # turn), which would end their overlap; a stage with a remote-args function is
+            # never fused.
+            ray_remote_args_fn=_no_extra_remote_args,
+            **TASK_FAULT_TOLERANCE,
+        )
+    return ds.map_batches(
+        stage,
+        fn_constructor_kwargs=kwargs,
+        batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=c.num_actors),
-        **resources,
+        compute=ray.data.ActorPoolStrategy(size=pool.num_actors),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
         **STAGE_FAULT_TOLERANCE,
     )
+
+
+def _no_extra_remote_args() -> dict:
+    return {}
+
+
+# This worker process's stage objects, one per stage class, each with the id of the stream
+# that built it: a forwarding task's stage is built by the first batch of its stream that
+# the process runs (a client, a tokenizer) and kept for the stream's next batches.
+_STAGES: dict[str, tuple[str, Callable[[pa.Table], pa.Table]]] = {}
+
+
+def run_stage(batch: pa.Table, stage: type, stream: str, kwargs: dict) -> pa.Table:
+    """One batch through `stage(**kwargs)`, as a Ray Data task (see `_map_stage`)."""
+    held = _STAGES.get(stage.__name__)
+    if held is None or held[0] != stream:
+        held = _STAGES[stage.__name__] = (stream, stage(**kwargs))
+    return held[1](batch)
 
 
 def build_pair_stream(

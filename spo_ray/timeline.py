@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 # The stages in the order of the chart's rows, with what each interval covers and who records it.
 STAGES: dict[str, str] = {
-    "rollout_start": "a stream's RolloutStage actor starts (Ray Data actor)",
-    "generation": "a RolloutStage batch: K samples per prompt (Ray Data actor)",
-    "judge_start": "a JudgeStage actor starts and loads the judge (Ray Data actor)",
-    "judging": "a JudgeStage batch: K×K preferences and pair selection (Ray Data actor)",
+    "rollout_start": "a stream's RolloutStage is built: an actor that loads its engine, or a task's client of the run's engines (Ray Data)",
+    "generation": "a RolloutStage batch: K samples per prompt (Ray Data actor or task)",
+    "judge_start": "a stream's JudgeStage is built: an actor that loads its judge, or a task's client of the run's judges (Ray Data)",
+    "judging": "a JudgeStage batch: K×K preferences and pair selection (Ray Data actor or task)",
     "learner_workers": "from the trainer's fit() to a learner worker's first line (Ray Train)",
     "learner_models": "policy, reference and DeepSpeed engine built (Ray Train worker)",
     "learner_reset": "persistent learner: π_t into the reference, fresh optimizer and LR schedule (Ray Train worker)",

@@ -18,7 +18,6 @@ local Ray, so a Ray upgrade that renames one fails there rather than hanging a r
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 
 import ray
 
@@ -70,7 +69,7 @@ def explain_timeout(err: BaseException, cfg: Config, iteration: int, engines: bo
     """A TimeoutError naming what did not start in time, when `err` is one of Ray's start
     timeouts (it may be nested in a Ray Train or Ray Data error); None for any other error.
     `engines` / `judges`: the stream ran on the run's rollout engines / judge pool, so its
-    RolloutStage / JudgeStage actors reserved nothing (the pools' own starts are
+    rollout / judge stage was tasks, with no actors to start (the pools' own starts are
     `pool_start_timeout` and `judge_pool_start_timeout`)."""
     text = f"{err!r} {err}"
     cause = err.__cause__
@@ -79,13 +78,12 @@ def explain_timeout(err: BaseException, cfg: Config, iteration: int, engines: bo
         cause = cause.__cause__
     c, t = cfg.cluster, cfg.run.timeouts
     if _ACTOR_START_TEXT in text:
-        rollout = ("RolloutStage", c.rollout, f"the policy ({cfg.rollout.engine} engine)")
-        if engines:
-            rollout = ("RolloutStage", replace(c.rollout, num_cpus=0, num_gpus=0), "a lease on a rollout engine")
-        judge = ("JudgeStage", c.judge, f"the {cfg.judge.name} judge")
-        if judges:
-            judge = ("JudgeStage", replace(c.judge, num_cpus=0, num_gpus=0), "a lease on a judge actor")
-        return _start_timeout(cfg, iteration, {"rollout": rollout, "judge": judge})
+        pools = {}
+        if not engines:
+            pools["rollout"] = ("RolloutStage", c.rollout, f"the policy ({cfg.rollout.engine} engine)")
+        if not judges:
+            pools["judge"] = ("JudgeStage", c.judge, f"the {cfg.judge.name} judge")
+        return _start_timeout(cfg, iteration, pools) if pools else None
     if _TRAINER_START_TEXT in text:
         l = c.learner
         return TimeoutError(

@@ -104,6 +104,19 @@ def connect_ray(cfg: Config) -> None:
           f"{have.get('GPU', 0):g} GPUs on {len(ray.nodes())} node(s)", flush=True)
 
 
+# Idle worker processes a local Ray keeps for reuse. Its default, one per CPU (2 here), is
+# fewer than a run's actors, so Ray ended the idle workers between streams and each stream
+# started new processes (seconds of start and imports each) for its Ray Data coordinator
+# and forwarding tasks (spo_ray/pipeline.py); benchmarks/overlap.py measures the effect.
+# A cluster's nodes keep theirs by their own configuration (one per CPU: plenty on a GPU node).
+LOCAL_IDLE_WORKERS = 32
+
+
+def start_local_ray(num_cpus: int | None, **kwargs) -> None:
+    """A fresh local Ray with `num_cpus` CPUs (None: all) that keeps its idle workers."""
+    ray.init(address="local", num_cpus=num_cpus, _system_config={"num_workers_soft_limit": LOCAL_IDLE_WORKERS}, **kwargs)
+
+
 def _join_or_start(cfg: Config) -> None:
     address = cfg.cluster.address
     env = fault_env()
@@ -117,7 +130,7 @@ def _join_or_start(cfg: Config) -> None:
     if not ray.is_initialized():
         # address="local": Ray's default (None) would still follow RAY_ADDRESS or the address
         # of the last cluster started on this machine (/tmp/ray/ray_current_cluster), stale or not.
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus, log_to_driver=True, runtime_env=runtime_env)
+        start_local_ray(cfg.cluster.num_cpus, log_to_driver=True, runtime_env=runtime_env)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = cfg.run.timeouts.stream_no_progress_s
     ctx.enable_progress_bars = True

@@ -35,14 +35,12 @@ def ray_session(fault_dir):
 
     from spo_ray.faults import FAULT_DIR_ENV
 
+    from spo_ray.train import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            address="local",  # never a cluster named by RAY_ADDRESS or left behind by another run
-            num_cpus=2,
-            include_dashboard=False,
-            log_to_driver=True,
-            runtime_env={"env_vars": {FAULT_DIR_ENV: str(fault_dir)}},
-        )
+        # address "local", as a run starts it: never a cluster named by RAY_ADDRESS or left
+        # behind by another run; idle workers kept for the next stream.
+        start_local_ray(2, include_dashboard=False, log_to_driver=True, runtime_env={"env_vars": {FAULT_DIR_ENV: str(fault_dir)}})
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = 300  # a hung stream fails the test instead of waiting 30 min
     ctx.enable_progress_bars = False

@@ -150,3 +150,58 @@ def test_sigkill_of_the_live_rollout_actor_is_survived(arm_fault, tiny_policy, p
     lost, repeated = _check_every_prompt_once(rows, prompts)
     record_fault("rollout actor SIGKILLed from outside", "generation (after 2 of 6 batches)", True, lost, repeated,
                  seconds - clean_s, faulted_s=round(seconds, 1), clean_s=round(clean_s, 1))
+
+
+@pytest.fixture(scope="module")
+def run_actors(ray_session, tiny_policy):
+    """The run's persistent rollout engines (paced, as above) and judges: on them the
+    stream's stages are forwarding tasks (spo_ray.pipeline.run_stage), not actor pools."""
+    from spo_ray.judge.pool import JudgePool
+    from spo_ray.rollout.engines import RolloutEngines
+
+    _, cfg = compose(OVERRIDES)
+    engines, judges = RolloutEngines(cfg, tiny_policy, paced_engine), JudgePool(cfg)
+    engines.wait_started(1, cfg)
+    judges.wait_started(1, cfg)
+    yield engines, judges
+    engines.shutdown()
+    judges.shutdown()
+
+
+def _stream_on(run_actors, prompts: list[dict], policy: str) -> tuple[list[dict], float]:
+    from spo_ray.pipeline import judge_stream, rollout_stream
+    from spo_ray.timeouts import apply_stream_timeouts
+
+    engines, judges = run_actors
+    _, cfg = compose(OVERRIDES)
+    rollouts = rollout_stream(cfg, prompts, policy, 1, engines=engines)
+    pairs = apply_stream_timeouts(judge_stream(cfg, rollouts, policy, 1, judges=judges), cfg)
+    start = time.monotonic()
+    rows = list(pairs.iter_rows())
+    return rows, time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    "spec, phase",
+    [("rollout_batch@3", "generation (3rd rollout batch)"), ("judge_batch@3", "judging (3rd judge batch)")],
+)
+def test_a_forwarding_task_that_exits_mid_iteration_is_retried_and_loses_no_prompt(
+    arm_fault, run_actors, tiny_policy, prompts, spec, phase
+):
+    """On the run's engines and judges the stages are Ray tasks: the process of the one that
+    dies is gone, Ray Data runs the batch again in another (pipeline.TASK_FAULT_TOLERANCE),
+    and the stream starts no stage actor at all."""
+    site = spec.split("@")[0]
+    before = set(_stage_actors("RolloutStage")) | set(_stage_actors("JudgeStage"))
+    clean_rows, clean_s = _stream_on(run_actors, prompts, tiny_policy)
+    _check_every_prompt_once(clean_rows, prompts)
+    with arm_fault(spec) as folder:
+        rows, seconds = _stream_on(run_actors, prompts, tiny_policy)
+        assert fired(site, folder), f"{spec} never fired: the test proves nothing"
+    assert set(_stage_actors("RolloutStage")) | set(_stage_actors("JudgeStage")) == before  # tasks, no pool actors
+    lost, repeated = _check_every_prompt_once(rows, prompts)
+    pairs = lambda rs: sorted((r["prompt_id"], r["responses"], r["chosen"], r["rejected"], r["skip_reason"]) for r in rs)  # noqa: E731
+    assert pairs(rows) == pairs(clean_rows)  # the retried batch gave the same pairs (NaN fields left out)
+    stage = "rollout" if site == "rollout_batch" else "judge"
+    record_fault(f"{stage} forwarding task's process exits, on the run's engines and judges ({spec})", phase, True,
+                 lost, repeated, seconds - clean_s, faulted_s=round(seconds, 1), clean_s=round(clean_s, 1))

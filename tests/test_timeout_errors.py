@@ -22,7 +22,8 @@ def test_a_pool_that_fits_actor_by_actor_but_not_as_a_whole_is_named(monkeypatch
 
 
 def test_a_stream_on_the_run_engines_blames_the_judge_not_the_engines_resources(monkeypatch):
-    # The engines hold the rollout GPUs (and started); the stream's RolloutStage reserves nothing.
+    # The engines hold the rollout GPUs (and started); the stream's rollout stage is tasks
+    # that reserve nothing, with no actor to start.
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0, "GPU": 1.0})
     _, cfg = compose(["experiment=tiny", "cluster.gpus_per_node=4", "cluster.rollout.num_gpus=1", "cluster.judge.num_gpus=2"])
     text = str(explain_timeout(RuntimeError("Timed out while starting actors."), cfg, 1, engines=True))
@@ -33,3 +34,5 @@ def test_a_stream_on_the_run_engines_blames_the_judge_not_the_engines_resources(
     on_engines = str(explain_timeout(RuntimeError("Timed out while starting actors."), cfg, 1, engines=True))
     assert "RolloutStage" not in on_engines and "each JudgeStage actor asks for 2 GPU" in on_engines, on_engines
     assert "each RolloutStage actor asks for 1 GPU" in str(explain_timeout(RuntimeError("Timed out while starting actors."), cfg, 1))
+    # On the run's engines and judges the stream starts no actor: such a timeout is not its own.
+    assert explain_timeout(RuntimeError("Timed out while starting actors."), cfg, 1, engines=True, judges=True) is None

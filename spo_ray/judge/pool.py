@@ -4,9 +4,9 @@
                             cluster.judge's CPUs/GPUs; `clients`, `shutdown`
     JudgeActor  (Ray actor) holds one judge (`build_judge(cfg.judge)`: PairRM, the
                             reference judge's embedding model, …)
-    JudgeClient (in the stream's JudgeStage, which reserves nothing itself, and in the
-                            evaluation and tournament tasks) is a `Judge`: each call goes
-                            to one actor, leased so the stage actors spread over them
+    JudgeClient (in the stream's judge tasks, which reserve nothing themselves, and in
+                            the evaluation and tournament tasks) is a `Judge`: each call goes
+                            to the actor with the fewest batches in flight (`EngineLeases`)
 
 Without the pool every stream started its judge actors again, and each loaded the judge's
 model (seconds on CPU, tens of seconds for PairRM on a GPU node) after the learner asked
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import ray
 
 from spo_ray.judge import build_judge
-from spo_ray.rollout.engines import EngineLeases
+from spo_ray.rollout.engines import EngineLeases, leased_call
 
 if TYPE_CHECKING:
     import torch
@@ -54,11 +54,11 @@ class JudgeActor:
 
 
 class JudgeClient:
-    """A `Judge` whose work is done by one of the run's judge actors. A reference-guided
-    judge's references are kept here and sent with each call (only those of its prompts)."""
+    """A `Judge` whose work is done by the run's judge actors. A reference-guided judge's
+    references are kept here and sent with each call (only those of its prompts)."""
 
-    def __init__(self, actor: Any, needs_references: bool) -> None:
-        self.actor = actor
+    def __init__(self, actors: list, leases: Any, needs_references: bool) -> None:
+        self.actors, self.leases = actors, leases
         self.needs_references = needs_references
         self.references: dict[str, str] = {}
 
@@ -67,7 +67,7 @@ class JudgeClient:
 
     def batch_pairwise_logits(self, prompts: Sequence[str], responses: Sequence[Sequence[str]]) -> list["torch.Tensor"]:
         refs = {p: self.references.get(p) for p in prompts} if self.needs_references else None
-        return ray.get(self.actor.batch_pairwise_logits.remote(list(prompts), [list(r) for r in responses], refs))
+        return leased_call(self.actors, self.leases, "batch_pairwise_logits", list(prompts), [list(r) for r in responses], refs)
 
     def pairwise_logits(self, prompt: str, responses: Sequence[str]) -> "torch.Tensor":
         return self.batch_pairwise_logits([prompt], [responses])[0]
@@ -81,7 +81,7 @@ class JudgeClients:
         self.actors, self.leases, self.needs_references = actors, leases, needs_references
 
     def __call__(self, cfg: "JudgeConfig | None" = None, device: str = "cpu") -> JudgeClient:
-        return JudgeClient(self.actors[ray.get(self.leases.acquire.remote())], self.needs_references)
+        return JudgeClient(self.actors, self.leases, self.needs_references)
 
 
 class JudgePool:
@@ -108,7 +108,7 @@ class JudgePool:
         self.needs_references = any(ray.get(ready))  # a constructor's error, if any, raises here
 
     def clients(self) -> JudgeClients:
-        """The judge factory of one stream, evaluation or tournament (leases start over)."""
+        """The judge factory of one stream, evaluation or tournament (the leases start over)."""
         ray.get(self.leases.reset.remote())
         return JudgeClients(self.actors, self.leases, self.needs_references)
 

@@ -10,9 +10,11 @@ process group, and train one iteration after the other:
     ── job t+1 + its stream ─────────────────────► ...                            π_{t+1} into the
                                                                                   reference, fresh
                                                                                   optimizer + LR
-The driver builds each iteration's stream (`streaming_split`, whose iterators may be handed
-to other processes) as soon as the iteration starts, before any worker asks for it, so its
-stage actors start while the learner is still loading (iteration 1) or at once (later).
+The driver builds each iteration's stream as soon as the iteration starts, one iterator per
+worker (`streaming_split`, whose iterators may be handed to other processes; a single
+worker gets the dataset's own iterator and runs the stream itself), and each worker starts
+reading it at once (`StartedShard`), so its stages start while the learner is still loading
+(iteration 1) or at once (later).
 
 Faults, as with the per-iteration learner: a lost worker makes Ray Train restart the worker
 group (up to learner.max_failures × run.iterations times per run); the new workers load π_t
@@ -233,7 +235,14 @@ class PersistentLearner:
             time.sleep(POLL_S)
 
     def _splits(self, pairs: Callable[[], ray.data.Dataset]) -> list:
-        return pairs().streaming_split(self.num_workers, equal=True)
+        """One iterator of the stream per worker. A single worker gets the dataset's own
+        iterator and runs the stream in its process; `streaming_split` would start its
+        coordinator actor, a new process that imports the stream's code (≈ 3.5 s of each
+        iteration on a 2-CPU machine, benchmarks/overlap.py)."""
+        stream = pairs()
+        if self.num_workers == 1:
+            return [stream.iterator()]
+        return stream.streaming_split(self.num_workers, equal=True)
 
     def _ended(self) -> BaseException:
         if "error" in self.outcome:

@@ -4,8 +4,9 @@
                               cluster.rollout's CPUs/GPUs; `load`, `sleep`, `shutdown`
     EngineActor   (Ray actor) holds one PersistentEngine (HFEngine, VLLMEngine: rollout/base.py)
                               and the path of the policy it holds
-    EngineClient  (in the stream's RolloutStage, which reserves nothing itself) sends each
-                              batch to one engine, leased so the stage actors spread over them
+    EngineClient  (in the stream's rollout tasks, which reserve nothing themselves, and in
+                              the evaluation task) sends each batch to the engine with the
+                              fewest batches in flight (`EngineLeases`)
 
 Every `generate` names the policy it expects. An engine that holds another one — it was
 restarted by Ray after a crash (it comes back with the policy it was first built from), or
@@ -109,7 +110,11 @@ class EngineActor:
 
 @ray.remote(num_cpus=0)
 class EngineLeases:
-    """Which engine each stage actor sends to: the least leased one."""
+    """Which actor (engine or judge) the next batch goes to: the one with the fewest batches
+    in flight. A client acquires per batch and releases when the batch is back, so however
+    many processes forward batches (tasks on reused workers, the evaluation), the actors
+    stay evenly loaded. A forwarder killed during a call keeps its lease, so each new
+    stream starts the counts over (`reset`); a release after that counts nothing below 0."""
 
     def __init__(self, n: int) -> None:
         self.counts = [0] * n
@@ -119,19 +124,31 @@ class EngineLeases:
         self.counts[i] += 1
         return i
 
+    def release(self, i: int) -> None:
+        self.counts[i] = max(0, self.counts[i] - 1)
+
     def reset(self) -> None:
         self.counts = [0] * len(self.counts)
 
 
-class EngineClient:
-    """The Engine that a RolloutStage holds when the engines are persistent actors."""
+def leased_call(actors: list, leases: Any, method: str, *args: Any) -> Any:
+    """`actors[i].method(*args)` on the least loaded actor i, its lease held for the call."""
+    i = ray.get(leases.acquire.remote())
+    try:
+        return ray.get(getattr(actors[i], method).remote(*args))
+    finally:
+        leases.release.remote(i)
 
-    def __init__(self, actor: Any, policy_path: str) -> None:
-        self.actor = actor
+
+class EngineClient:
+    """The Engine of a rollout stage or evaluation when the engines are persistent actors."""
+
+    def __init__(self, actors: list, leases: Any, policy_path: str) -> None:
+        self.actors, self.leases = actors, leases
         self.policy_path = policy_path
 
     def generate(self, prompts: Sequence[Prompt], sampling: SamplingConfig) -> list[Rollout]:
-        return ray.get(self.actor.generate.remote(list(prompts), sampling, self.policy_path))
+        return leased_call(self.actors, self.leases, "generate", list(prompts), sampling, self.policy_path)
 
     def load_weights(self, path: str) -> None:
         self.policy_path = path
@@ -144,7 +161,7 @@ class EngineClients:
         self.actors, self.leases = actors, leases
 
     def __call__(self, cfg: "Config", policy_path: str) -> EngineClient:
-        return EngineClient(self.actors[ray.get(self.leases.acquire.remote())], policy_path)
+        return EngineClient(self.actors, self.leases, policy_path)
 
 
 class RolloutEngines:
@@ -171,8 +188,7 @@ class RolloutEngines:
         ray.get(ready)  # a constructor's error, if any
 
     def clients(self) -> EngineClients:
-        """The engine factory of one stream (leases start over: the previous stream's stage
-        actors are gone)."""
+        """The engine factory of one stream or evaluation (the leases start over)."""
         ray.get(self.leases.reset.remote())
         return EngineClients(self.actors, self.leases)
 

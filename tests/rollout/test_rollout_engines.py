@@ -213,3 +213,19 @@ def test_two_iterations_with_the_learner_broadcasting_to_the_engines(ray_session
                 assert rollout.responses == pairs[i]["responses"], i
                 checked += 1
     assert checked == len(pairs)
+
+
+def test_leases_send_each_batch_to_the_actor_with_the_fewest_in_flight(ray_session):
+    import ray
+
+    from spo_ray.rollout.engines import EngineLeases
+
+    leases = EngineLeases.remote(2)
+    try:
+        acquire = lambda: ray.get(leases.acquire.remote())  # noqa: E731
+        assert [acquire(), acquire(), acquire()] == [0, 1, 0]  # in flight: [2, 1]
+        ray.get(leases.release.remote(1))
+        ray.get(leases.release.remote(1))  # a second release of the same lease counts nothing below 0
+        assert [acquire(), acquire(), acquire()] == [1, 1, 0]  # [2, 0] → [2, 1] → [2, 2] → [3, 2]
+    finally:
+        ray.kill(leases)
