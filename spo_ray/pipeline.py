@@ -207,8 +207,8 @@ def _map_stage(ds: ray.data.Dataset, stage: type, kwargs: dict, batch_size: int,
     actors holding `pool`'s CPUs and GPUs."""
     if forwarder:
         return ds.map_batches(
-            run_stage,
-            fn_kwargs=dict(stage=stage, stream=uuid.uuid4().hex, kwargs=kwargs),
+            _TASKS[stage],
+            fn_kwargs=dict(stream=uuid.uuid4().hex, kwargs=kwargs),
             batch_size=batch_size,
             batch_format="pyarrow",
             compute=ray.data.TaskPoolStrategy(size=2 * pool.num_actors),
@@ -248,6 +248,19 @@ def run_stage(batch: pa.Table, stage: type, stream: str, kwargs: dict) -> pa.Tab
     if held is None or held[0] != stream:
         held = _STAGES[stage.__name__] = (stream, stage(**kwargs))
     return held[1](batch)
+
+
+def rollout_task(batch: pa.Table, stream: str, kwargs: dict) -> pa.Table:
+    """A rollout batch as a task (its name is what Ray Data's plan and progress bars show)."""
+    return run_stage(batch, RolloutStage, stream, kwargs)
+
+
+def judge_task(batch: pa.Table, stream: str, kwargs: dict) -> pa.Table:
+    """A judge batch as a task."""
+    return run_stage(batch, JudgeStage, stream, kwargs)
+
+
+_TASKS = {RolloutStage: rollout_task, JudgeStage: judge_task}
 
 
 def build_pair_stream(
